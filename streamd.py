@@ -1,0 +1,2060 @@
+#!/usr/bin/env python3
+"""streamd: stream Server-Sent Events to clients handed off by Apache.
+
+Apache's mod_socket_handoff passes a client's TCP socket to streamd over a Unix
+socket (one SCM_RIGHTS message, with a JSON blob from PHP). streamd answers that
+client with `text/event-stream` from a backend (the built-in mock here, LLM APIs in
+backends/) while Apache's worker is already free for the next request. One thread
+and one selectors loop hold tens of thousands of slow streams.
+
+One pass of the loop (Daemon.run_once):
+  1. timeout: 0 if a backend is runnable, else until the next timer is due;
+  2. select();
+  3. dispatch I/O: every registered socket's key.data is its handler;
+  4. fire due timers, measuring how late they ran (the loop's lag);
+  5. step runnable backends: generators that yield operations (sleep, emit an
+     event, wait for a socket) and are resumed by the loop.
+
+Reading order: Errors, Config, Logging, Wire protocol (pure functions: bytes in,
+bytes or values out), Timers, Connection state machine, Backend operations, Event
+loop, Mock backend & registry, Signals & systemd, Client (send, demo), main.
+"""
+from __future__ import annotations
+
+import array
+import collections
+import enum
+import errno
+import heapq
+import importlib
+import itertools
+import json
+import logging
+import os
+import re
+import selectors
+import signal
+import socket
+import stat
+import sys
+import time
+
+__version__ = "0.1.0"
+
+# ---- Errors ----
+#
+# Three kinds of failure, three audiences: a ConfigError stops the start (the
+# operator's fault), a ProtocolError is answered with an HTTP status (the peer's
+# fault), a BackendError ends one stream (the upstream's fault).  Anything else
+# raised by a backend is a bug in that backend and still ends only its stream;
+# anything raised by the loop itself is a bug in streamd and stops the daemon.
+
+
+class StreamdError(Exception):
+    """Base class of streamd's own errors."""
+
+
+class ConfigError(StreamdError):
+    """A bad flag, key or value: the daemon refuses to start (exit status 2)."""
+
+
+class ProtocolError(StreamdError):
+    """Bad handoff data: answered with `status` before any stream begins."""
+
+    def __init__(self, status: int, message: str, reason: str = "bad_json"):
+        super().__init__(message)
+        self.status = status
+        self.reason = reason  # the handoff_errors{reason} label
+
+
+class BackendError(StreamdError):
+    """An upstream failure.  Before the response head it becomes `status`;
+    after it, an error event of type `kind`.  `reason` is the stream_errors label."""
+
+    def __init__(self, message: str, status: int = 502, kind: str = "upstream_error",
+                 reason: str = "upstream", retry_after: int | None = None):
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+# ---- Config ----
+#
+# Every option is one row of OPTIONS: its YAML key, default, parser, command-line
+# flag, environment variable, and whether SIGHUP may change it on a live daemon.
+# Precedence: flag > environment > config file > default.  Parsers raise
+# ValueError and the loader turns that into one line naming source, key and value.
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*(b|k|kb|kib|m|mb|mib)?\s*$", re.I)
+_SIZE_UNITS = {"b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20}
+
+
+def _parser(expect):
+    """Attach the "expected ..." phrase used in error messages to a parser."""
+    def wrap(fn):
+        fn.expect = expect
+        return fn
+    return wrap
+
+
+def p_int(lo: int, hi: int | None = None):
+    @_parser("an integer >= %d" % lo if hi is None else "an integer from %d to %d" % (lo, hi))
+    def parse(v):
+        if isinstance(v, bool):
+            raise ValueError
+        if isinstance(v, str) and re.fullmatch(r"\s*-?\d+\s*", v):
+            v = int(v)
+        if not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+            raise ValueError
+        return v
+    return parse
+
+
+def p_duration(allow_zero: bool = False):
+    @_parser("a duration like 50ms, 5s, 2m or 1h" + (" (0 turns it off)" if allow_zero else " above 0"))
+    def parse(v):
+        if isinstance(v, bool):
+            raise ValueError
+        if isinstance(v, (int, float)):
+            seconds = float(v)
+        elif isinstance(v, str) and _DURATION.match(v):
+            num, unit = _DURATION.match(v).groups()
+            seconds = float(num) * _DURATION_UNITS[unit]
+        else:
+            raise ValueError
+        if seconds < 0 or (seconds == 0 and not allow_zero) or seconds != seconds or seconds == float("inf"):
+            raise ValueError
+        return seconds
+    return parse
+
+
+@_parser("a size like 65536, 64KiB or 1MiB")
+def p_size(v):
+    if isinstance(v, bool):
+        raise ValueError
+    if isinstance(v, int):
+        n = v
+    elif isinstance(v, str) and _SIZE.match(v):
+        num, unit = _SIZE.match(v).groups()
+        n = int(num) * _SIZE_UNITS[(unit or "b").lower()]
+    else:
+        raise ValueError
+    if n < 1:
+        raise ValueError
+    return n
+
+
+def p_choice(*choices):
+    @_parser("one of " + ", ".join(choices))
+    def parse(v):
+        if isinstance(v, str) and v.lower() in choices:
+            return v.lower()
+        raise ValueError
+    return parse
+
+
+@_parser("true or false")
+def p_bool(v):
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(v, str) and v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError
+
+
+@_parser("a string")
+def p_str(v):
+    if not isinstance(v, str):
+        raise ValueError
+    return v
+
+
+@_parser("an absolute path")
+def p_abspath(v):
+    if not isinstance(v, str) or not v.startswith("/"):
+        raise ValueError
+    return v
+
+
+@_parser("an absolute path, or empty")
+def p_abspath_or_empty(v):
+    if not isinstance(v, str) or (v and not v.startswith("/")):
+        raise ValueError
+    return v
+
+
+@_parser("an octal file mode in quotes, like '0660'")
+def p_mode(v):
+    # A YAML 0660 arrives as the integer 432; ask for a string rather than guess.
+    if not isinstance(v, str) or not re.fullmatch(r"0?[0-7]{3}", v.strip()):
+        raise ValueError
+    return int(v.strip(), 8)
+
+
+@_parser("HOST:PORT, or empty to disable")
+def p_addr(v):
+    if not isinstance(v, str):
+        raise ValueError
+    if v == "":
+        return v
+    host, sep, port = v.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise ValueError
+    return v
+
+
+@_parser("a list of backend names")
+def p_names(v):
+    if isinstance(v, str):
+        v = [s.strip() for s in v.split(",") if s.strip()]
+    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+        raise ValueError
+    return v
+
+
+class Option:
+    __slots__ = ("key", "default", "parse", "flag", "env", "live", "help")
+
+    def __init__(self, key, default, parse, flag=None, env=None, live=False, help=""):
+        self.key, self.default, self.parse = key, default, parse
+        self.flag, self.env, self.live, self.help = flag, env, live, help
+
+
+# The README's option table and config.example.yaml list exactly these rows
+# (tests/test_config.py checks that they stay in step).
+OPTIONS = [
+    Option("server.socket_path", "/run/streamd.sock", p_abspath, "--socket",
+           help="Unix socket Apache hands connections to"),
+    Option("server.socket_mode", 0o660, p_mode, "--socket-mode",
+           help="file mode of the socket; Apache's user needs write access"),
+    Option("server.socket_type", "seqpacket", p_choice("seqpacket", "stream"), "--socket-type",
+           help="seqpacket (current module) or stream (older module builds)"),
+    Option("server.max_connections", 50000, p_int(1), "--max-connections", live=True,
+           help="concurrent client connections; more get 503 (capped to the fd limit)"),
+    Option("server.handoff_timeout", 5.0, p_duration(), "--handoff-timeout", live=True,
+           help="time for Apache to send the handoff message after connecting"),
+    Option("server.max_handoff_bytes", 128 * 1024, p_size, "--max-handoff-bytes", live=True,
+           help="largest handoff data accepted; larger gets 413"),
+    Option("server.write_timeout", 30.0, p_duration(), "--write-timeout", live=True,
+           help="drop a client that accepts no bytes for this long while some are queued"),
+    Option("server.write_high_water", 64 * 1024, p_size, "--write-high-water", live=True,
+           help="queued bytes above which the backend is paused"),
+    Option("server.write_buffer_limit", 256 * 1024, p_size, "--write-buffer-limit", live=True,
+           help="queued bytes above which a slow client is dropped"),
+    Option("server.max_stream_duration", 300.0, p_duration(allow_zero=True), "--max-stream-duration",
+           live=True, help="longest a stream may run before it ends with a timeout error event"),
+    Option("server.shutdown_timeout", 120.0, p_duration(allow_zero=True), "--shutdown-timeout",
+           live=True, help="on SIGTERM, how long live streams may still run"),
+    Option("server.heartbeat_interval", 15.0, p_duration(allow_zero=True), "--heartbeat-interval",
+           live=True, help="send ': ping' after this much silence"),
+    Option("server.workers", 1, p_int(1, 1), "--workers",
+           help="worker processes (only 1 in this version)"),
+    Option("server.benchmark", False, p_bool, "--benchmark",
+           help="skip metric updates; print a summary at exit"),
+    Option("backend.provider", "mock", p_str, "--backend",
+           help="default backend for handoffs that do not name one"),
+    Option("backend.enabled", [], p_names, "--enable-backends",
+           help="other backends a handoff may ask for with its 'backend' field"),
+    Option("backend.default_model", "gpt-4o-mini", p_str, "--default-model", live=True,
+           help="model when the handoff names none"),
+    Option("backend.mock.message_delay", 0.05, p_duration(allow_zero=True), "--message-delay",
+           live=True, help="mock: pause between events"),
+    Option("metrics.listen_addr", "127.0.0.1:9090", p_addr, "--metrics-addr",
+           help="HOST:PORT for /metrics and /healthz; empty disables"),
+    Option("logging.level", "info", p_choice("debug", "info", "warning", "error"), "--log-level",
+           live=True, help="debug, info, warning or error"),
+    Option("logging.format", "text", p_choice("text", "json"), "--log-format", live=True,
+           help="text (logfmt) or json, one line per record"),
+]
+OPTION_BY_KEY = {o.key: o for o in OPTIONS}
+
+# File descriptors kept back from max_connections: listener, selector, wakeup
+# pair, logging, metrics, handoffs in flight, 503 answers while at capacity.
+FD_RESERVE = 100
+
+
+def parse_option(opt: Option, raw, source: str):
+    """Parse one value; on failure raise ConfigError naming source, key and value."""
+    try:
+        return opt.parse(raw)
+    except (ValueError, TypeError):
+        where = source if source.startswith("-") or source.isupper() else "%s: %s" % (source, opt.key)
+        raise ConfigError("%s: expected %s, got %r" % (where, opt.parse.expect, raw)) from None
+
+
+def _flatten(tree, path: str, prefix: str = "") -> dict:
+    out = {}
+    if not isinstance(tree, dict):
+        raise ConfigError("%s: %s: expected a mapping, got %r" % (path, prefix or "top level", tree))
+    for k, v in tree.items():
+        key = "%s.%s" % (prefix, k) if prefix else str(k)
+        if key in OPTION_BY_KEY:
+            out[key] = v
+        elif isinstance(v, dict) and any(o.startswith(key + ".") for o in OPTION_BY_KEY):
+            out.update(_flatten(v, path, key))
+        else:
+            raise ConfigError("%s: %s: unknown key" % (path, key))
+    return out
+
+
+def read_config_file(path: str) -> dict:
+    """Read a YAML file into {dotted key: raw value}.  PyYAML is imported here,
+    only when a config file is used: streamd.py alone runs without it."""
+    try:
+        import yaml
+    except ImportError:
+        raise ConfigError("%s: reading a config file needs PyYAML (pip install PyYAML)" % path) from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError("%s: cannot read: %s" % (path, e.strerror)) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = " at line %d" % (mark.line + 1) if mark else ""
+        raise ConfigError("%s: invalid YAML%s: %s" % (path, at, getattr(e, "problem", e))) from None
+    return _flatten(tree or {}, path)
+
+
+def load_config(flags: dict | None = None, env=None, path: str | None = None) -> dict:
+    """Build the config dict {dotted key: value}: defaults < file < env < flags."""
+    cfg = {o.key: o.default for o in OPTIONS}
+    if path:
+        for key, raw in read_config_file(path).items():
+            cfg[key] = parse_option(OPTION_BY_KEY[key], raw, path)
+    env = os.environ if env is None else env
+    for o in OPTIONS:
+        if o.env and o.env in env:
+            cfg[o.key] = parse_option(o, env[o.env], o.env)
+    for key, raw in (flags or {}).items():
+        o = OPTION_BY_KEY[key]
+        cfg[key] = parse_option(o, raw, o.flag)
+    if cfg["server.write_high_water"] > cfg["server.write_buffer_limit"]:
+        raise ConfigError("server.write_high_water (%d) must not exceed server.write_buffer_limit (%d)"
+                          % (cfg["server.write_high_water"], cfg["server.write_buffer_limit"]))
+    for name in [cfg["backend.provider"]] + cfg["backend.enabled"]:
+        if name not in BACKENDS:
+            raise ConfigError("backend.provider: unknown backend %r (known: %s)"
+                              % (name, ", ".join(sorted(BACKENDS))))
+    cfg["config_path"] = path
+    return cfg
+
+
+# ---- Logging ----
+#
+# stderr, one line per record: logfmt (`ts=… level=info msg="stream done" conn=17 …`)
+# or JSON.  Call sites pass fields as keywords to log(); prompts, message contents
+# and API keys are never among them.
+
+logger = logging.getLogger("streamd")
+_LOGFMT_BARE = re.compile(r"^[^\s\"=\\]+$")
+
+
+def _logfmt_value(v) -> str:
+    s = v if isinstance(v, str) else repr(v) if isinstance(v, float) else str(v)
+    if s and _LOGFMT_BARE.match(s):
+        return s
+    return json.dumps(s, ensure_ascii=False)
+
+
+class LogfmtFormatter(logging.Formatter):
+    def format(self, record):
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + ".%03dZ" % record.msecs
+        parts = ["ts=" + ts, "level=" + record.levelname.lower(), "msg=" + _logfmt_value(record.getMessage())]
+        for k, v in getattr(record, "fields", {}).items():
+            parts.append("%s=%s" % (k, _logfmt_value(v)))
+        if record.exc_info:
+            parts.append("exc=" + _logfmt_value(self.formatException(record.exc_info)))
+        return " ".join(parts)
+
+
+class JSONFormatter(logging.Formatter):
+    def format(self, record):
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + ".%03dZ" % record.msecs
+        obj = {"ts": ts, "level": record.levelname.lower(), "msg": record.getMessage()}
+        obj.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            obj["exc"] = self.formatException(record.exc_info)
+        return json.dumps(obj, ensure_ascii=False, default=str)
+
+
+def setup_logging(level: str, fmt: str, stream=None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JSONFormatter() if fmt == "json" else LogfmtFormatter())
+    logger.handlers[:] = [handler]
+    logger.setLevel(getattr(logging, level.upper()))
+    logger.propagate = False
+
+
+def log(level: int, msg: str, exc_info=None, **fields) -> None:
+    if logger.isEnabledFor(level):
+        logger.log(level, msg, exc_info=exc_info, extra={"fields": fields})
+
+
+# ---- Wire protocol ----
+#
+# Everything here is pure: bytes in, values or bytes out, no sockets or clocks
+# (h11's rule).  Tests feed these functions bytes directly.
+
+# The handoff message carries at most this many fds before the kernel truncates
+# the control data (MSG_CTRUNC).  Apache sends exactly one; making room for more
+# lets us see and close extras instead of failing the whole handoff.
+MAX_FDS = 16
+_FD_SIZE = array.array("i").itemsize
+
+
+def fds_from_ancillary(ancdata) -> list:
+    """The fds in a recvmsg() control list (every SCM_RIGHTS cmsg, in order)."""
+    fds = array.array("i")
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % _FD_SIZE])
+    return list(fds)
+
+
+class Request:
+    """The handoff data (SPEC §2), validated.  Unknown keys are ignored."""
+
+    __slots__ = ("prompt", "messages", "system", "model", "max_tokens", "temperature", "top_p",
+                 "user_id", "request_id", "backend", "test_pattern", "response_headers",
+                 "dropped_headers", "include_usage", "thread_id", "assistant_id",
+                 "langgraph_input", "stream_mode")
+
+    def __init__(self):
+        for name in self.__slots__:
+            setattr(self, name, None)
+        self.response_headers = ()
+        self.dropped_headers = ()
+        self.include_usage = False
+
+    def conversation(self) -> list:
+        """[(role, text)]: `messages` if given, else `prompt` as one user message."""
+        if self.messages:
+            return [(m["role"], message_text(m["content"])) for m in self.messages]
+        return [("user", self.prompt or "")]
+
+    def last_user_text(self) -> str:
+        for role, text in reversed(self.conversation()):
+            if role == "user":
+                return text
+        return ""
+
+
+def message_text(content) -> str:
+    """A message's content as one string: a string, or the text parts joined."""
+    if isinstance(content, str):
+        return content
+    return "".join(part["text"] for part in content)
+
+
+def _type_name(v) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null",
+            int: "integer", float: "number"}.get(type(v), type(v).__name__)
+
+
+def _check_str(v):
+    return isinstance(v, str)
+
+
+def _check_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_FIELD_CHECKS = {
+    # name: (check, what the client should have sent)
+    "prompt": (_check_str, "a string"),
+    "system": (_check_str, "a string"),
+    "model": (_check_str, "a string"),
+    "request_id": (_check_str, "a string"),
+    "backend": (_check_str, "a string"),
+    "test_pattern": (_check_str, "a string"),
+    "thread_id": (_check_str, "a string"),
+    "assistant_id": (_check_str, "a string"),
+    "max_tokens": (lambda v: _check_int(v) and v >= 1, "an integer >= 1"),
+    "temperature": (_check_number, "a number"),
+    "top_p": (_check_number, "a number"),
+    "user_id": (lambda v: _check_int(v) or isinstance(v, str), "an integer or a string"),
+    "include_usage": (lambda v: isinstance(v, bool), "true or false"),
+    "langgraph_input": (lambda v: isinstance(v, dict), "an object"),
+    "stream_mode": (lambda v: isinstance(v, str) or (isinstance(v, list) and v and all(
+        isinstance(s, str) for s in v)), "a string or a list of strings"),
+}
+
+# RFC 9110 token characters, for response header names.
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# Controls other than HTAB may not appear in a header value (no CR/LF: no injection).
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# Headers a handoff may not set: ours, framing ones, and hop-by-hop ones.
+BLOCKED_HEADERS = frozenset((
+    "content-type", "cache-control", "connection", "x-accel-buffering", "content-length",
+    "transfer-encoding", "content-encoding", "keep-alive", "upgrade", "te", "trailer"))
+
+
+def validate_headers(obj) -> tuple:
+    """Split `response_headers` into ([(name, value)] kept, [name] dropped)."""
+    kept, dropped = [], []
+    for name, value in obj.items():
+        lname = name.lower()
+        if (not _TOKEN.match(name) or _BAD_VALUE.search(value) or lname in BLOCKED_HEADERS
+                or lname.startswith("proxy-")):
+            dropped.append(name)
+        else:
+            kept.append((name, value))
+    return kept, dropped
+
+
+def _bad(field: str, expected: str, value) -> ProtocolError:
+    # Name the field and the type received, never the value: it may be a prompt.
+    return ProtocolError(400, "%s: expected %s, got %s" % (field, expected, _type_name(value)))
+
+
+def _parse_messages(value) -> list:
+    if not isinstance(value, list):
+        raise _bad("messages", "a list of {role, content} objects", value)
+    for i, m in enumerate(value):
+        where = "messages[%d]" % i
+        if not isinstance(m, dict):
+            raise _bad(where, "an object with role and content", m)
+        if not isinstance(m.get("role"), str) or not m["role"]:
+            raise _bad(where + ".role", "a non-empty string", m.get("role"))
+        content = m.get("content")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if not (isinstance(part, dict) and isinstance(part.get("text"), str)
+                        and part.get("type", "text") == "text"):
+                    raise _bad("%s.content[%d]" % (where, j), 'a text part {"type":"text","text":...}', part)
+        elif not isinstance(content, str):
+            raise _bad(where + ".content", "a string or a list of text parts", content)
+    return value
+
+
+def parse_handoff(data: bytes) -> Request:
+    """Parse the X-Handoff-Data bytes; raise ProtocolError(400) naming the field.
+
+    Empty data, the one-byte NUL placeholder Apache sends when PHP set no header,
+    and whitespace all mean "serve with defaults"."""
+    req = Request()
+    data = data.strip(b"\x00 \t\r\n")
+    if not data:
+        return req
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError) as e:
+        # ValueError includes invalid UTF-8; the position is safe to show, the text is not.
+        where = " at byte %d" % e.pos if isinstance(e, json.JSONDecodeError) else ""
+        raise ProtocolError(400, "handoff data is not valid JSON%s" % where) from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(400, "handoff data: expected a JSON object, got %s" % _type_name(obj))
+    for name, (check, expected) in _FIELD_CHECKS.items():
+        if name in obj and obj[name] is not None:
+            if not check(obj[name]):
+                raise _bad(name, expected, obj[name])
+            setattr(req, name, obj[name])
+    if obj.get("messages") is not None:
+        req.messages = _parse_messages(obj["messages"]) or None
+    headers = obj.get("response_headers")
+    if headers is not None:
+        if not isinstance(headers, dict):
+            raise _bad("response_headers", "an object of strings", headers)
+        for k, v in headers.items():
+            if not isinstance(v, str):
+                raise _bad("response_headers[%s]" % json.dumps(k), "a string", v)
+        req.response_headers, req.dropped_headers = validate_headers(headers)
+    if isinstance(req.stream_mode, str):
+        req.stream_mode = [req.stream_mode]
+    return req
+
+
+REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 413: "Content Too Large",
+           500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
+           504: "Gateway Timeout"}
+ERROR_KINDS = {400: "invalid_request", 413: "request_too_large", 500: "internal_error",
+               502: "upstream_error", 503: "unavailable", 504: "upstream_timeout"}
+
+HEAD_200 = (b"HTTP/1.1 200 OK\r\n"
+            b"Content-Type: text/event-stream\r\n"
+            b"Cache-Control: no-cache\r\n"
+            b"Connection: close\r\n"
+            b"X-Accel-Buffering: no\r\n")
+
+
+def response_head(extra_headers=()) -> bytes:
+    """The 200 head of an event stream, with any validated extra headers."""
+    if not extra_headers:
+        return HEAD_200 + b"\r\n"
+    extra = "".join("%s: %s\r\n" % (n, v) for n, v in extra_headers).encode("utf-8", "replace")
+    return HEAD_200 + extra + b"\r\n"
+
+
+def _dumps(obj) -> bytes:
+    # Compact, UTF-8 (not \u-escaped).  A lone surrogate cannot be UTF-8: replace it.
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
+
+
+def error_response(status: int, message: str, kind: str | None = None,
+                   retry_after: int | None = None) -> bytes:
+    """A complete JSON error response, sent when no stream has started."""
+    body = _dumps({"error": {"type": kind or ERROR_KINDS.get(status, "error"), "message": message}})
+    head = "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n" % (
+        status, REASONS.get(status, "Error"), len(body))
+    if retry_after is not None:
+        head += "Retry-After: %d\r\n" % retry_after
+    return head.encode("ascii") + b"\r\n" + body
+
+
+def sse_event(obj) -> bytes:
+    """`data: <json>` plus the blank line that ends an SSE event."""
+    return b"data: " + _dumps(obj) + b"\n\n"
+
+
+def sse_error(kind: str, message: str) -> bytes:
+    return sse_event({"error": {"type": kind, "message": message}})
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+SSE_PING = b": ping\n\n"
+
+
+# ---- Timers ----
+#
+# A heap of (deadline, seq, timer).  Cancelling only marks the timer; the entry
+# is dropped when it reaches the top (lazy cancellation, as in asyncio and trio),
+# and the heap is rebuilt when more than half of it is dead.  The clock is
+# injectable, so tests move time forward instead of sleeping.
+
+class Timer:
+    __slots__ = ("when", "fn", "arg", "cancelled")
+
+    def __init__(self, when, fn, arg):
+        self.when, self.fn, self.arg, self.cancelled = when, fn, arg, False
+
+
+class Timers:
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self._heap = []
+        self._seq = itertools.count()
+        self._dead = 0
+        self.max_lag = 0.0
+
+    def __len__(self):
+        return len(self._heap) - self._dead
+
+    def call_at(self, when: float, fn, arg=None) -> Timer:
+        t = Timer(when, fn, arg)
+        heapq.heappush(self._heap, (when, next(self._seq), t))
+        return t
+
+    def call_later(self, delay: float, fn, arg=None) -> Timer:
+        return self.call_at(self.clock() + delay, fn, arg)
+
+    def cancel(self, t: Timer | None) -> None:
+        if t is not None and not t.cancelled:
+            t.cancelled = True
+            self._dead += 1
+            if self._dead > 256 and self._dead * 2 > len(self._heap):
+                self._heap = [e for e in self._heap if not e[2].cancelled]
+                heapq.heapify(self._heap)
+                self._dead = 0
+
+    def next_deadline(self) -> float | None:
+        heap = self._heap
+        while heap and heap[0][2].cancelled:
+            heapq.heappop(heap)
+            self._dead -= 1
+        return heap[0][0] if heap else None
+
+    def run_due(self, now: float) -> None:
+        """Call every timer due by `now`, in deadline order."""
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            t = heapq.heappop(heap)[2]
+            if t.cancelled:
+                self._dead -= 1
+                continue
+            t.cancelled = True  # fired: a later cancel() is a no-op
+            lag = now - t.when
+            if lag > self.max_lag:
+                self.max_lag = lag
+            t.fn(t.arg)
+
+
+# ---- Connection state machine ----
+#
+#   RECEIVING ──handoff──▶ STARTING ──head──▶ STREAMING ──end──▶ FLUSHING ──flushed──▶ DRAINING ──eof──▶ CLOSED
+#       │                     │                                     ▲
+#       └────error_response───┴─────────────────────────────────────┘
+#   (any state) ──abort──▶ CLOSED
+#
+# RECEIVING: the Unix connection from Apache is open; waiting for its message.
+# STARTING:  we hold the client socket and a backend; no response head sent yet,
+#            so a failure can still be a real HTTP status.
+# STREAMING: the 200 head went out; events flow; failures become error events.
+# FLUSHING:  the last bytes are queued; waiting for the client to take them.
+# DRAINING:  write side shut down (FIN sent); discarding input until the client
+#            closes, so unread bytes do not turn our close into a reset.
+# All changes go through Connection.transition().
+
+class State(enum.Enum):
+    RECEIVING = "receiving"
+    STARTING = "starting"
+    STREAMING = "streaming"
+    FLUSHING = "flushing"
+    DRAINING = "draining"
+    CLOSED = "closed"
+
+
+TRANSITIONS = {
+    (State.RECEIVING, "handoff"): State.STARTING,
+    (State.RECEIVING, "error_response"): State.FLUSHING,
+    (State.STARTING, "head"): State.STREAMING,
+    (State.STARTING, "error_response"): State.FLUSHING,
+    (State.STREAMING, "end"): State.FLUSHING,
+    (State.FLUSHING, "flushed"): State.DRAINING,
+    (State.DRAINING, "eof"): State.CLOSED,
+}
+for _s in State:
+    if _s is not State.CLOSED:
+        TRANSITIONS[(_s, "abort")] = State.CLOSED
+
+
+class TransitionError(StreamdError):
+    pass
+
+
+# How long a finished connection waits for the client's FIN before closing anyway.
+LINGER = 2.0
+_READ = selectors.EVENT_READ
+_WRITE = selectors.EVENT_WRITE
+PARK = object()  # an operation handler's answer: "the backend waits; do not resume it now"
+
+
+class Connection:
+    """One handoff: the Unix connection from Apache, then the client's socket."""
+
+    __slots__ = ("daemon", "id", "state", "sock", "mask", "out", "t_life", "t_write",
+                 "t_backend", "t_heartbeat", "last_progress", "last_send", "accepted_at",
+                 "started_at", "first_byte_at", "req", "backend_name", "gen", "cfg", "parked",
+                 "waiting", "status", "bytes", "chunks", "outcome", "has_client", "unix_buf",
+                 "unix_fds")
+
+    def __init__(self, daemon, unix_sock, cid):
+        self.daemon = daemon
+        self.id = cid
+        self.state = State.RECEIVING
+        self.sock = unix_sock
+        self.mask = 0
+        self.out = bytearray()
+        self.t_life = self.t_write = self.t_backend = self.t_heartbeat = None
+        self.accepted_at = daemon.clock()
+        self.last_progress = self.last_send = self.accepted_at
+        self.started_at = self.first_byte_at = None
+        self.req = self.backend_name = self.gen = self.cfg = self.waiting = None
+        self.parked = False
+        self.status = None
+        self.bytes = self.chunks = 0
+        self.outcome = None
+        self.has_client = False  # True once a client socket was received
+        self.unix_buf = None  # stream-mode handoffs arrive in pieces until EOF
+        self.unix_fds = None
+
+    def __repr__(self):
+        return "<Connection %d %s>" % (self.id, self.state.name)
+
+    def transition(self, event: str) -> None:
+        try:
+            self.state = TRANSITIONS[(self.state, event)]
+        except KeyError:
+            raise TransitionError("connection %d: can't handle event %r in state %s"
+                                  % (self.id, event, self.state.name)) from None
+
+    # -- interest in the selector: READ always, WRITE while bytes are queued --
+
+    def update_interest(self) -> None:
+        want = _READ | _WRITE if self.out else _READ
+        if want != self.mask:
+            self.daemon.selector.modify(self.sock, want, self.on_client_io)
+            self.mask = want
+
+    # -- writing: send at once; queue only what the kernel did not take --
+
+    def write(self, data) -> None:
+        if self.state is State.CLOSED:
+            return
+        if not self.out:
+            try:
+                n = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as e:
+                self.client_gone(e)
+                return
+            self.bytes += n
+            now = self.daemon.clock()
+            self.last_send = now
+            if n == len(data):
+                return
+            self.last_progress = now
+            self.out += memoryview(data)[n:]
+            self.update_interest()
+            self.arm_write_timer()
+        else:
+            self.out += data
+            self.last_send = self.daemon.clock()
+        if len(self.out) > self.cfg_limit("server.write_buffer_limit"):
+            self.drop("slow_client", "write buffer over %d bytes" % self.cfg_limit("server.write_buffer_limit"))
+
+    def cfg_limit(self, key):
+        return (self.cfg or self.daemon.cfg)[key]
+
+    def flush(self) -> None:
+        """The socket is writable: send what is queued."""
+        try:
+            n = self.sock.send(self.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.client_gone(e)
+            return
+        if n:
+            del self.out[:n]
+            self.bytes += n
+            self.last_progress = self.daemon.clock()
+        if self.out:
+            if self.parked and len(self.out) <= self.cfg_limit("server.write_high_water"):
+                self.daemon.unpark(self)
+            return
+        self.update_interest()
+        if self.state is State.FLUSHING:
+            self.shutdown_write()
+        elif self.parked:
+            self.daemon.unpark(self)
+
+    def arm_write_timer(self) -> None:
+        if self.t_write is None:
+            self.t_write = self.daemon.timers.call_at(
+                self.last_progress + self.cfg_limit("server.write_timeout"), Connection.check_write, self)
+
+    def check_write(self) -> None:
+        """Write-progress timeout: fires only if no byte moved for write_timeout."""
+        self.t_write = None
+        if not self.out or self.state is State.CLOSED:
+            return
+        timeout = self.cfg_limit("server.write_timeout")
+        if self.daemon.clock() - self.last_progress >= timeout:
+            self.drop("timeout", "client accepted no bytes for %gs" % timeout)
+        else:
+            self.arm_write_timer()
+
+    def on_unix_readable(self, sock, mask) -> None:
+        self.daemon.receive(self)
+
+    def on_backend_io(self, sock, mask) -> None:
+        self.daemon.backend_io_ready(self)
+
+    # -- reading the client: the only thing we expect is EOF (the client left) --
+
+    def on_client_io(self, sock, mask) -> None:
+        if mask & _READ:
+            try:
+                data = sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError as e:
+                self.client_gone(e)
+                return
+            if data == b"":
+                if self.state is State.DRAINING:
+                    self.transition("eof")
+                    self.daemon.release(self)
+                else:
+                    self.client_gone(None)
+                return
+            # Anything else the client sends (a pipelined request, a body Apache
+            # did not read) is discarded: this connection only ever answers once.
+        if mask & _WRITE and self.state is not State.CLOSED:
+            self.flush()
+
+    # -- the response: head, events, end --
+
+    def send_head(self) -> None:
+        self.transition("head")
+        self.status = 200
+        self.write(response_head(self.req.response_headers))
+        self.arm_heartbeat()
+
+    def arm_heartbeat(self) -> None:
+        interval = self.cfg_limit("server.heartbeat_interval")
+        if interval and self.state is State.STREAMING:
+            self.t_heartbeat = self.daemon.timers.call_at(self.last_send + interval, Connection.heartbeat, self)
+
+    def heartbeat(self) -> None:
+        self.t_heartbeat = None
+        if self.state is not State.STREAMING:
+            return
+        if self.daemon.clock() - self.last_send >= self.cfg_limit("server.heartbeat_interval"):
+            self.write(SSE_PING)
+        self.arm_heartbeat()
+
+    def respond_error(self, status: int, message: str, kind: str | None = None,
+                      retry_after: int | None = None, outcome: str = "error") -> None:
+        """Answer with an HTTP error status (only before the head went out)."""
+        self.daemon.stop_backend(self)
+        self.transition("error_response")
+        self.status = status
+        self.outcome = self.outcome or outcome
+        self.write(error_response(status, message, kind, retry_after))
+        self.after_last_write()
+
+    def end_stream(self, final: bytes, outcome: str) -> None:
+        """Queue the last event ([DONE] or an error event) and start closing."""
+        self.daemon.stop_backend(self)
+        self.outcome = self.outcome or outcome
+        self.transition("end")
+        self.chunks += 1
+        self.write(final)
+        self.after_last_write()
+
+    def after_last_write(self) -> None:
+        self.daemon.timers.cancel(self.t_heartbeat)
+        self.t_heartbeat = None
+        if self.state is State.FLUSHING and not self.out:
+            self.shutdown_write()
+
+    def shutdown_write(self) -> None:
+        # shutdown(SHUT_WR) sends our FIN even if another process still holds a
+        # copy of this socket (close() alone would not), then we read until the
+        # client closes: closing with unread input makes Linux send a reset,
+        # which can destroy the last bytes of the response in flight.
+        self.transition("flushed")
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.transition("abort")
+            self.daemon.release(self)
+            return
+        self.daemon.timers.cancel(self.t_life)
+        self.t_life = self.daemon.timers.call_later(LINGER, Connection.linger_expired, self)
+
+    def linger_expired(self) -> None:
+        self.t_life = None
+        if self.state is State.DRAINING:
+            self.transition("eof")
+            self.daemon.release(self)
+
+    # -- ending early --
+
+    def client_gone(self, exc) -> None:
+        """EOF or a reset from the client: it left.  Cancel the backend at once."""
+        if self.state in (State.STARTING, State.STREAMING):
+            self.outcome = self.outcome or "client_disconnected"
+        elif self.state is State.DRAINING:
+            self.outcome = self.outcome or "done"
+        else:
+            self.outcome = self.outcome or "client_disconnected"
+        self.transition("abort")
+        self.daemon.release(self)
+
+    def drop(self, reason: str, detail: str) -> None:
+        """Close at once (slow client, write timeout): nothing more can be sent."""
+        log(logging.WARNING, "dropping client", conn=self.id, reason=reason, detail=detail)
+        self.outcome = reason
+        self.transition("abort")
+        self.daemon.release(self)
+
+
+# ---- Backend operations ----
+#
+# A backend is a generator function `run(req, cfg)`.  It yields operations, small
+# tuples the loop carries out, and is resumed with the result (or has an exception
+# thrown in: TimeoutError when a wait times out).  Returning ends the stream
+# cleanly: the loop sends the usage event (if asked for) and `data: [DONE]`.
+# Raising ends it with an error.  When the client leaves, the loop calls
+# gen.close(), so a backend releases what it holds in try/finally.
+#
+#   ("sleep", seconds)                  resume after a delay
+#   ("event", dict | bytes)             send one SSE event (a dict is JSON-encoded;
+#                                       bytes are a pre-rendered `data: …\n\n`)
+#   ("raw", bytes)                      send bytes verbatim (already SSE-framed)
+#   ("head",)                           send the 200 head now (else: at the first event)
+#   ("readable", sock, timeout|None)    resume when sock is readable
+#   ("writable", sock, timeout|None)    resume when sock is writable
+#
+# A backend's return value may be {"finish_reason": …, "usage": {…}}, which
+# becomes the usage event when the handoff asked for include_usage.
+
+STEP_BUDGET = 64  # operations one generator may run per pass before others get a turn
+
+
+# ---- Event loop ----
+
+class Stats:
+    """Plain counters: /healthz, SIGHUP's log line and the --benchmark summary."""
+
+    __slots__ = ("active_connections", "active_streams", "peak_streams", "started", "completed",
+                 "failed", "bytes_sent", "handoffs", "handoff_errors", "rejected")
+
+    def __init__(self):
+        for name in self.__slots__:
+            setattr(self, name, 0)
+        self.handoff_errors = collections.Counter()
+
+
+class Daemon:
+    """The event loop, the listener, and every connection."""
+
+    def __init__(self, cfg: dict, clock=time.monotonic):
+        self.cfg = cfg
+        self.clock = clock
+        self.selector = selectors.DefaultSelector()
+        self.timers = Timers(clock)
+        self.runnable = collections.deque()  # (conn, value, exception) to resume
+        self.conns = {}                       # id -> Connection
+        self.ids = itertools.count(1)
+        self.stats = Stats()
+        self.listener = None
+        self.listener_owned = None  # (path, inode) when we created the socket file
+        self.accept_paused = False
+        self.draining = False
+        self.stopping = False
+        self.exit_status = 0
+        self.t_drain = None
+        self.wakeup_r = self.wakeup_w = None
+        self.max_connections = cfg["server.max_connections"]
+        self.fd_limit = None
+        self.backends = {}  # name -> loaded backend module
+        self.flags, self.env = {}, {}  # what SIGHUP re-applies on top of the file
+        self.ops = {
+            "sleep": self._op_sleep, "event": self._op_event, "raw": self._op_raw,
+            "head": self._op_head, "readable": self._op_readable, "writable": self._op_writable,
+        }
+
+    # -- the loop --
+
+    def run(self) -> int:
+        while not self.stopping:
+            self.run_once()
+        self.close()
+        return self.exit_status
+
+    def run_once(self, max_wait: float | None = None) -> None:
+        # 1. How long may select() sleep?
+        if self.runnable:
+            timeout = 0.0
+        else:
+            deadline = self.timers.next_deadline()
+            timeout = None if deadline is None else max(0.0, deadline - self.clock())
+            if max_wait is not None and (timeout is None or timeout > max_wait):
+                timeout = max_wait
+        # 2. Wait for I/O.  3. Dispatch it: key.data is the handler.
+        for key, mask in self.selector.select(timeout):
+            key.data(key.fileobj, mask)
+        # 4. Fire due timers.
+        self.timers.run_due(self.clock())
+        # 5. Step the backends that can run.  Only those queued before this pass:
+        #    a generator that re-queues itself waits for the next pass.
+        for _ in range(len(self.runnable)):
+            conn, value, exc = self.runnable.popleft()
+            if conn.gen is not None:
+                self.step(conn, value, exc)
+        if self.draining and not self.conns:
+            self.stopping = True
+
+    # -- the listener --
+
+    def open_listener(self) -> None:
+        """Bind the Unix socket (or take systemd's), SPEC §1."""
+        sock_type = socket.SOCK_SEQPACKET if self.cfg["server.socket_type"] == "seqpacket" else socket.SOCK_STREAM
+        inherited = systemd_listen_fds()
+        if inherited:
+            sock = socket.socket(fileno=inherited[0])
+            if sock.family != socket.AF_UNIX or sock.type != sock_type:
+                raise ConfigError("LISTEN_FDS: inherited socket is not an AF_UNIX %s socket"
+                                  % self.cfg["server.socket_type"])
+            log(logging.INFO, "using socket from systemd", fd=sock.fileno())
+        else:
+            path = self.cfg["server.socket_path"]
+            remove_stale_socket(path, sock_type)
+            sock = socket.socket(socket.AF_UNIX, sock_type)
+            try:
+                # bind() creates the file with the umask; restrict it before anyone can connect.
+                old = os.umask(0o777 & ~self.cfg["server.socket_mode"])
+                try:
+                    sock.bind(path)
+                finally:
+                    os.umask(old)
+                os.chmod(path, self.cfg["server.socket_mode"])
+                # A big backlog: Apache does not retry EAGAIN on a full queue, so a
+                # short one turns a burst of handoffs into failed requests.
+                sock.listen(4096)
+            except OSError as e:
+                sock.close()
+                raise ConfigError("server.socket_path: cannot listen on %r: %s" % (path, e.strerror)) from None
+            self.listener_owned = (path, os.stat(path).st_ino)
+            log(logging.INFO, "listening", socket=path, type=self.cfg["server.socket_type"],
+                mode="%04o" % self.cfg["server.socket_mode"])
+        sock.setblocking(False)
+        self.listener = sock
+        self.selector.register(sock, _READ, self.on_accept)
+
+    def close_listener(self) -> None:
+        if self.listener is None:
+            return
+        if not self.accept_paused:
+            self.selector.unregister(self.listener)
+        self.listener.close()
+        self.listener = None
+        if self.listener_owned:
+            path, ino = self.listener_owned
+            try:
+                # Remove the file only if it is still ours (a successor may own it now).
+                if os.stat(path).st_ino == ino:
+                    os.unlink(path)
+            except OSError:
+                pass
+            self.listener_owned = None
+
+    def on_accept(self, listener, mask) -> None:
+        """Accept until EAGAIN.  On EMFILE/ENFILE stop accepting for a moment:
+        the pending connection stays in the backlog and would wake us again at
+        once, so retrying immediately would spin the loop at 100% CPU."""
+        while self.listener is not None:
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self.pause_accepting(e)
+                    return
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                raise
+            sock.setblocking(False)
+            conn = Connection(self, sock, next(self.ids))
+            self.conns[conn.id] = conn
+            # Apache sends its message right after connecting: try to read it now
+            # and save a trip through select() for every handoff.
+            self.receive(conn)
+            if conn.state is State.RECEIVING:
+                self.selector.register(sock, _READ, conn.on_unix_readable)
+                conn.mask = _READ
+                conn.t_life = self.timers.call_at(conn.accepted_at + self.cfg["server.handoff_timeout"],
+                                                  Daemon.handoff_timeout, conn)
+
+    def pause_accepting(self, exc: OSError) -> None:
+        log(logging.WARNING, "accept paused: out of file descriptors", error=exc.strerror,
+            connections=len(self.conns))
+        self.stats.handoff_errors["emfile"] += 1
+        self.selector.unregister(self.listener)
+        self.accept_paused = True
+        self.timers.call_later(0.1, self.resume_accepting)
+
+    def resume_accepting(self, _=None) -> None:
+        if self.accept_paused and self.listener is not None:
+            self.accept_paused = False
+            self.selector.register(self.listener, _READ, self.on_accept)
+
+    # -- receiving a handoff (SPEC §1) --
+
+    @staticmethod
+    def handoff_timeout(conn) -> None:
+        conn.t_life = None
+        if conn.state is State.RECEIVING:
+            conn.daemon.handoff_failed(conn, "timeout", "no handoff message within %gs"
+                                       % conn.daemon.cfg["server.handoff_timeout"])
+
+    def receive(self, conn: Connection) -> None:
+        """Read the handoff message: data plus SCM_RIGHTS fds."""
+        maxbytes = self.cfg["server.max_handoff_bytes"]
+        stream_mode = self.cfg["server.socket_type"] == "stream"
+        if stream_mode and conn.unix_buf is None:
+            conn.unix_buf, conn.unix_fds = bytearray(), []
+        # A seqpacket message bigger than the buffer arrives cut, with MSG_TRUNC;
+        # a stream has no such flag, so read one byte more than allowed to notice.
+        size = maxbytes + 1 - len(conn.unix_buf) if stream_mode else maxbytes
+        # MSG_CMSG_CLOEXEC: received fds must not leak into child processes.
+        try:
+            data, anc, flags, _ = conn.sock.recvmsg(size, socket.CMSG_SPACE(MAX_FDS * _FD_SIZE),
+                                                    getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.handoff_failed(conn, "network", "recvmsg failed: %s" % e.strerror)
+            return
+        fds = fds_from_ancillary(anc)
+        if stream_mode:
+            # A stream socket has no message boundary: the message is everything
+            # until Apache closes its end.  fds arrive with the first bytes.
+            conn.unix_fds += fds
+            conn.unix_buf += data
+            if data and len(conn.unix_buf) <= maxbytes and not flags & socket.MSG_CTRUNC:
+                return  # wait for more, or for EOF
+            if len(conn.unix_buf) > maxbytes:
+                flags |= socket.MSG_TRUNC
+            data, fds = bytes(conn.unix_buf[:maxbytes]), conn.unix_fds
+            conn.unix_buf = conn.unix_fds = None
+        self.got_message(conn, data, fds, flags)
+
+    def got_message(self, conn: Connection, data: bytes, fds: list, flags: int) -> None:
+        # The Unix connection has done its job: close it now rather than hold an
+        # fd for the whole stream.  Apache never reads a reply.
+        self.timers.cancel(conn.t_life)
+        conn.t_life = None
+        if conn.mask:
+            self.selector.unregister(conn.sock)
+            conn.mask = 0
+        conn.sock.close()
+        conn.sock = None
+        # From here every fd in `fds` is ours to close exactly once.
+        if flags & socket.MSG_CTRUNC:
+            close_fds(fds)
+            self.handoff_failed(conn, "ctrunc", "control data truncated (more than %d fds?)" % MAX_FDS)
+            return
+        if not fds:
+            self.handoff_failed(conn, "no_fd", "handoff message carried no file descriptor"
+                                if data else "connection closed without a handoff message")
+            return
+        if len(fds) > 1:
+            log(logging.WARNING, "handoff carried extra fds; keeping the first", conn=conn.id, fds=len(fds))
+            close_fds(fds[1:])
+        client = adopt_client_socket(fds[0])
+        if client is None:
+            self.handoff_failed(conn, "bad_fd", "received fd is not a stream socket")
+            return
+        conn.sock = client
+        conn.has_client = True
+        conn.cfg = self.cfg
+        self.stats.handoffs += 1
+        self.stats.active_connections += 1
+        self.selector.register(client, _READ, conn.on_client_io)
+        conn.mask = _READ
+        if flags & socket.MSG_TRUNC:
+            self.stats.handoff_errors["too_large"] += 1
+            log(logging.INFO, "handoff rejected", conn=conn.id, reason="too_large")
+            conn.respond_error(413, "handoff data is larger than %d bytes" % self.cfg["server.max_handoff_bytes"],
+                               outcome="too_large")
+            return
+        try:
+            req = parse_handoff(data)
+            self.check_backend(req)
+        except ProtocolError as e:
+            self.stats.handoff_errors[e.reason] += 1
+            log(logging.INFO, "handoff rejected", conn=conn.id, reason=e.reason, error=str(e))
+            conn.respond_error(e.status, str(e), outcome=e.reason)
+            return
+        conn.req = req
+        if req.dropped_headers:
+            log(logging.DEBUG, "dropped response headers", conn=conn.id, names=",".join(req.dropped_headers))
+        if self.draining:
+            conn.respond_error(503, "server is shutting down", retry_after=1, outcome="shutdown")
+        elif self.stats.active_connections > self.max_connections:
+            self.stats.rejected += 1
+            log(logging.WARNING, "at capacity", conn=conn.id, max_connections=self.max_connections)
+            conn.respond_error(503, "server at capacity (%d connections)" % self.max_connections,
+                               retry_after=1, outcome="rejected")
+        else:
+            conn.transition("handoff")
+            self.start_stream(conn)
+
+    def handoff_failed(self, conn: Connection, reason: str, detail: str) -> None:
+        """A handoff with no usable client socket: nothing to answer, count and log."""
+        self.stats.handoff_errors[reason] += 1
+        log(logging.WARNING, "handoff failed", conn=conn.id, reason=reason, detail=detail)
+        conn.outcome = reason
+        conn.transition("abort")
+        self.release(conn)
+
+    def check_backend(self, req: Request) -> None:
+        if req.backend is not None and req.backend not in self.allowed_backends():
+            raise ProtocolError(400, "backend: %r is not configured here (configured: %s)"
+                                % (req.backend, ", ".join(self.allowed_backends())))
+
+    def allowed_backends(self) -> list:
+        return [self.cfg["backend.provider"]] + [b for b in self.cfg["backend.enabled"]
+                                                  if b != self.cfg["backend.provider"]]
+
+    # -- streams --
+
+    def start_stream(self, conn: Connection) -> None:
+        conn.backend_name = conn.req.backend or self.cfg["backend.provider"]
+        conn.started_at = self.clock()
+        self.stats.started += 1
+        self.stats.active_streams += 1
+        if self.stats.active_streams > self.stats.peak_streams:
+            self.stats.peak_streams = self.stats.active_streams
+        limit = self.cfg["server.max_stream_duration"]
+        if limit:
+            conn.t_life = self.timers.call_at(conn.started_at + limit, Daemon.stream_expired, conn)
+        try:
+            conn.gen = self.backend(conn.backend_name).run(conn.req, self.cfg)
+        except Exception as e:
+            self.backend_failed(conn, e)
+            return
+        self.step(conn, None, None)
+
+    @staticmethod
+    def stream_expired(conn) -> None:
+        conn.t_life = None
+        if conn.state in (State.STARTING, State.STREAMING):
+            conn.daemon.backend_failed(conn, BackendError(
+                "stream exceeded max_stream_duration (%gs)" % conn.cfg["server.max_stream_duration"],
+                status=504, kind="timeout", reason="timeout"))
+
+    def step(self, conn: Connection, value, exc) -> None:
+        """Run a backend until it waits.  Each operation goes through self.ops."""
+        gen = conn.gen
+        ops = self.ops
+        for _ in range(STEP_BUDGET):
+            try:
+                op = gen.throw(exc) if exc is not None else gen.send(value)
+            except StopIteration as stop:
+                self.backend_finished(conn, stop.value)
+                return
+            except Exception as e:
+                self.backend_failed(conn, e)
+                return
+            exc = None
+            try:
+                handler = ops[op[0]]
+            except (KeyError, TypeError, IndexError):
+                self.backend_failed(conn, BackendError("backend yielded an unknown operation %r" % (op,),
+                                                       status=500, kind="internal_error", reason="other"))
+                return
+            value = handler(conn, op)
+            if value is PARK:
+                return
+        self.runnable.append((conn, value, None))
+
+    def _op_sleep(self, conn, op):
+        conn.t_backend = self.timers.call_later(op[1], self.resume, conn)
+        return PARK
+
+    def _op_head(self, conn, op):
+        if conn.state is State.STARTING:
+            conn.send_head()
+        return None
+
+    def _op_event(self, conn, op):
+        payload = op[1]
+        return self.emit(conn, payload if isinstance(payload, bytes) else sse_event(payload), 1)
+
+    def _op_raw(self, conn, op):
+        return self.emit(conn, op[1], op[1].count(b"\n\n"))
+
+    def emit(self, conn: Connection, data: bytes, events: int):
+        if conn.state is State.STARTING:
+            conn.send_head()
+        if conn.first_byte_at is None:
+            conn.first_byte_at = self.clock()
+        conn.chunks += events
+        conn.write(data)
+        if conn.state is not State.STREAMING:
+            return PARK  # the write failed and the connection is gone
+        if len(conn.out) > conn.cfg["server.write_high_water"]:
+            # Back-pressure: the backend (and so its upstream socket) waits until
+            # the client has taken the queued bytes.
+            conn.parked = True
+            return PARK
+        return None
+
+    def unpark(self, conn: Connection) -> None:
+        conn.parked = False
+        if conn.gen is not None:
+            self.runnable.append((conn, None, None))
+
+    def _op_readable(self, conn, op):
+        return self.wait_io(conn, op, _READ)
+
+    def _op_writable(self, conn, op):
+        return self.wait_io(conn, op, _WRITE)
+
+    def wait_io(self, conn: Connection, op, events: int):
+        sock = op[1]
+        timeout = op[2] if len(op) > 2 else None
+        self.selector.register(sock, events, conn.on_backend_io)
+        conn.waiting = sock
+        if timeout is not None:
+            conn.t_backend = self.timers.call_later(timeout, self.wait_timed_out, conn)
+        return PARK
+
+    def backend_io_ready(self, conn: Connection) -> None:
+        # Unregister at once: the backend may close or replace the socket before
+        # it waits again, and a stale registration would block its fd number.
+        self.selector.unregister(conn.waiting)
+        conn.waiting = None
+        self.timers.cancel(conn.t_backend)
+        conn.t_backend = None
+        self.runnable.append((conn, None, None))
+
+    def wait_timed_out(self, conn) -> None:
+        conn.t_backend = None
+        sock = conn.waiting
+        if sock is not None:
+            self.selector.unregister(sock)
+            conn.waiting = None
+            self.runnable.append((conn, None, TimeoutError("upstream did not answer in time")))
+
+    def resume(self, conn) -> None:
+        conn.t_backend = None
+        self.runnable.append((conn, None, None))
+
+    def stop_backend(self, conn: Connection) -> None:
+        """Cancel whatever the backend waits for and close the generator, so its
+        try/finally blocks release their sockets now."""
+        self.timers.cancel(conn.t_backend)
+        conn.t_backend = None
+        if conn.waiting is not None:
+            # Unregister before the generator closes the socket in its finally.
+            self.selector.unregister(conn.waiting)
+            conn.waiting = None
+        gen, conn.gen = conn.gen, None
+        if gen is not None:
+            try:
+                gen.close()
+            except Exception:
+                log(logging.ERROR, "backend raised while closing", conn=conn.id,
+                    backend=conn.backend_name, exc_info=True)
+
+    def backend_finished(self, conn: Connection, result) -> None:
+        conn.gen = None
+        if conn.state is State.STARTING:
+            conn.send_head()
+        if conn.req.include_usage and isinstance(result, dict) and result.get("usage"):
+            conn.chunks += 1
+            conn.write(sse_event({"finish_reason": result.get("finish_reason") or "stop",
+                                  "usage": result["usage"]}))
+        if conn.state is State.STREAMING:
+            conn.end_stream(SSE_DONE, "done")
+
+    def backend_failed(self, conn: Connection, exc: BaseException) -> None:
+        """A backend's stream failed: a status before the head, an error event after."""
+        conn.gen = None
+        if isinstance(exc, BackendError):
+            status, kind, reason, message, retry = exc.status, exc.kind, exc.reason, str(exc), exc.retry_after
+            log(logging.WARNING, "stream failed", conn=conn.id, backend=conn.backend_name,
+                reason=reason, error=message)
+        elif isinstance(exc, TimeoutError):
+            status, kind, reason, message, retry = 504, "timeout", "timeout", str(exc) or "timed out", None
+            log(logging.WARNING, "stream failed", conn=conn.id, backend=conn.backend_name,
+                reason=reason, error=message)
+        elif isinstance(exc, OSError):
+            status, kind, reason, message, retry = 502, "upstream_error", "network", \
+                "upstream connection failed: %s" % (exc.strerror or exc), None
+            log(logging.WARNING, "stream failed", conn=conn.id, backend=conn.backend_name,
+                reason=reason, error=message)
+        else:
+            status, kind, reason, message, retry = 500, "internal_error", "other", "internal error", None
+            log(logging.ERROR, "backend raised", conn=conn.id, backend=conn.backend_name,
+                exc_info=(type(exc), exc, exc.__traceback__))
+        if conn.state is State.STARTING:
+            conn.respond_error(status, message, kind, retry, outcome=reason)
+        elif conn.state is State.STREAMING:
+            conn.end_stream(sse_error(kind, message), reason)
+
+    def fail_stream(self, conn: Connection, kind: str, message: str, reason: str) -> None:
+        """End a live stream from outside (shutdown): error event or error status."""
+        if conn.state is State.STARTING:
+            conn.respond_error(503, message, kind, retry_after=1, outcome=reason)
+        elif conn.state is State.STREAMING:
+            conn.end_stream(sse_error(kind, message), reason)
+
+    def backend(self, name: str):
+        mod = self.backends.get(name)
+        if mod is None:
+            mod = self.backends[name] = load_backend(name)
+        return mod
+
+    # -- the end of a connection --
+
+    def release(self, conn: Connection) -> None:
+        """Free everything a CLOSED connection holds; write its access log line."""
+        self.stop_backend(conn)
+        for t in (conn.t_life, conn.t_write, conn.t_heartbeat):
+            self.timers.cancel(t)
+        conn.t_life = conn.t_write = conn.t_heartbeat = None
+        if conn.sock is not None:
+            if conn.mask:
+                self.selector.unregister(conn.sock)
+                conn.mask = 0
+            conn.sock.close()
+            conn.sock = None
+        if conn.unix_fds:
+            close_fds(conn.unix_fds)
+            conn.unix_fds = None
+        self.conns.pop(conn.id, None)
+        if not conn.has_client:
+            return
+        stats = self.stats
+        stats.active_connections -= 1
+        stats.bytes_sent += conn.bytes
+        now = self.clock()
+        if conn.started_at is not None:
+            stats.active_streams -= 1
+            if conn.outcome == "done":
+                stats.completed += 1
+            else:
+                stats.failed += 1
+        req = conn.req
+        log(logging.INFO, "stream done", conn=conn.id,
+            request_id=req.request_id if req and req.request_id else "",
+            backend=conn.backend_name or "", status=conn.status or 0, bytes=conn.bytes,
+            chunks=conn.chunks,
+            ttfb_ms=round((conn.first_byte_at - conn.started_at) * 1000, 2) if conn.first_byte_at else "",
+            duration_ms=round((now - conn.accepted_at) * 1000, 2), outcome=conn.outcome or "unknown")
+
+    # -- signals (the handlers only wake the loop; see Signals & systemd) --
+
+    def install_signals(self) -> None:
+        self.wakeup_r, self.wakeup_w = socket.socketpair()
+        self.wakeup_r.setblocking(False)
+        self.wakeup_w.setblocking(False)
+        signal.set_wakeup_fd(self.wakeup_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, _ignore_signal)
+        self.selector.register(self.wakeup_r, _READ, self.on_signal)
+
+    def on_signal(self, sock, mask) -> None:
+        try:
+            data = sock.recv(512)
+        except (BlockingIOError, InterruptedError):
+            return
+        for signum in data:
+            name = {signal.SIGTERM: "term", signal.SIGINT: "term", signal.SIGHUP: "hup"}.get(signum)
+            if name:
+                getattr(self, "handle_" + name)()
+
+    def handle_term(self) -> None:
+        """First SIGTERM/SIGINT: drain.  Second: stop now."""
+        if self.draining:
+            log(logging.WARNING, "second signal: stopping now", streams=self.stats.active_streams)
+            self.end_all_streams()
+            self.stopping = True
+            return
+        self.draining = True
+        sd_notify("STOPPING=1")
+        self.close_listener()
+        timeout = self.cfg["server.shutdown_timeout"]
+        log(logging.INFO, "draining", streams=self.stats.active_streams, timeout_s=timeout)
+        self.t_drain = self.timers.call_later(timeout, self.drain_expired)
+
+    def drain_expired(self, _=None) -> None:
+        log(logging.INFO, "drain timeout: ending live streams", streams=self.stats.active_streams)
+        for conn in list(self.conns.values()):
+            self.fail_stream(conn, "shutdown", "server is shutting down", "shutdown")
+        # Give the final events a moment to reach the clients, then stop regardless.
+        self.t_drain = self.timers.call_later(min(LINGER, self.cfg["server.write_timeout"]), self.stop_now)
+
+    def stop_now(self, _=None) -> None:
+        self.end_all_streams()
+        self.stopping = True
+
+    def end_all_streams(self) -> None:
+        """Best effort, without waiting: one last error event, then close."""
+        for conn in list(self.conns.values()):
+            last = (sse_error("shutdown", "server is shutting down") if conn.state is State.STREAMING else
+                    error_response(503, "server is shutting down", retry_after=1)
+                    if conn.state is State.STARTING else None)
+            if last and not conn.out:
+                try:
+                    conn.sock.send(last)
+                except OSError:
+                    pass
+            if conn.state is not State.CLOSED:
+                conn.outcome = conn.outcome or "shutdown"
+                conn.transition("abort")
+                self.release(conn)
+
+    def handle_hup(self) -> None:
+        """SIGHUP: reload the config file; apply what can change on a live daemon."""
+        path = self.cfg.get("config_path")
+        log(logging.INFO, "SIGHUP", connections=len(self.conns), streams=self.stats.active_streams,
+            config=path or "")
+        if not path:
+            log(logging.WARNING, "reload: no --config file to reload")
+            return
+        try:
+            new = load_config(self.flags, self.env, path)
+        except ConfigError as e:
+            log(logging.ERROR, "reload failed; keeping the current config", error=str(e))
+            return
+        self.apply_config(new)
+
+    def apply_config(self, new: dict) -> None:
+        changed, ignored = [], []
+        for o in OPTIONS:
+            if new[o.key] != self.cfg[o.key]:
+                (changed if o.live else ignored).append(o.key)
+        for key in ignored:
+            new[key] = self.cfg[key]
+        if ignored:
+            log(logging.WARNING, "reload: these keys need a restart; kept as they were", keys=",".join(ignored))
+        self.cfg = new
+        self.max_connections = cap_connections(new["server.max_connections"], self.fd_limit)
+        setup_logging(new["logging.level"], new["logging.format"])
+        log(logging.INFO, "config reloaded", changed=",".join(changed) or "nothing")
+
+    def close(self) -> None:
+        self.close_listener()
+        for conn in list(self.conns.values()):
+            if conn.state is not State.CLOSED:
+                conn.outcome = conn.outcome or "shutdown"
+                conn.transition("abort")
+                self.release(conn)
+        if self.wakeup_r is not None:
+            signal.set_wakeup_fd(-1)
+            self.selector.unregister(self.wakeup_r)
+            self.wakeup_r.close()
+            self.wakeup_w.close()
+            self.wakeup_r = self.wakeup_w = None
+        self.selector.close()
+
+
+def close_fds(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def adopt_client_socket(fd: int):
+    """Wrap a received fd as a non-blocking socket, or close it and return None
+    if it is not a stream socket (SPEC §1: bad_fd)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        os.close(fd)  # not a socket at all: socket() did not take ownership
+        return None
+    if sock.type != socket.SOCK_STREAM:
+        sock.close()
+        return None
+    sock.setblocking(False)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        # Best effort: the test harness and load generators hand over AF_UNIX pairs.
+        for level, opt, value in ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+                                  (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+                                  (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), 15),
+                                  (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), 15)):
+            if opt is not None:
+                try:
+                    sock.setsockopt(level, opt, value)
+                except OSError:
+                    pass
+    return sock
+
+
+def remove_stale_socket(path: str, sock_type: int) -> None:
+    """SPEC §1: refuse a non-socket or a live daemon's socket; unlink a stale one."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError("server.socket_path: %r exists and is not a socket; refusing to replace it" % path)
+    probe = socket.socket(socket.AF_UNIX, sock_type)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # nobody listens: a leftover from a crash
+        log(logging.INFO, "removed stale socket", socket=path)
+        return
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ConfigError("server.socket_path: %r: cannot probe existing socket: %s" % (path, e.strerror)) from None
+    finally:
+        probe.close()
+    raise ConfigError("server.socket_path: %r: another daemon is listening there" % path)
+
+
+def cap_connections(wanted: int, fd_limit: int | None) -> int:
+    if fd_limit is None or wanted <= fd_limit - FD_RESERVE:
+        return wanted
+    return max(1, fd_limit - FD_RESERVE)
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return the limit in force."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def _ignore_signal(signum, frame):
+    # The real work happens in the loop: set_wakeup_fd has already written the
+    # signal number to the wakeup socket, which wakes select().
+    pass
+
+
+# ---- Mock backend & registry ----
+#
+# The mock is the tutorial backend: every backend has this shape, a module (or
+# namespace) with NAME and a generator function run(req, cfg).  It lives in this
+# file so that streamd.py copied alone still runs it; every other backend is a
+# module in backends/, imported the first time it is used.
+
+MOCK_EVENTS = 18
+_MOCK_LINES = [
+    "This stream comes from streamd's mock backend.",
+    "Apache handed this connection over and went back to work.",
+    "One thread and one selectors loop serve every stream.",
+    "Each backend is a generator the loop resumes.",
+    "The mock yields a sleep between events.",
+    "Writes go out at once; only the rest is queued.",
+    "A slow client pauses its backend at the high-water mark.",
+    "A client that leaves cancels its backend at once.",
+    "Timers live in one heap with lazy cancellation.",
+    "SIGTERM drains: live streams get time to finish.",
+] + ["This is message %d of %d." % (i, MOCK_EVENTS) for i in range(13, MOCK_EVENTS + 1)]
+# Pre-rendered once: the fixed events are the same bytes for every stream.
+_MOCK_FIXED = [sse_event({"content": line}) for line in _MOCK_LINES]
+
+
+def cut_text(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class MockBackend:
+    """18 content events, the first at once, then one every message_delay."""
+
+    NAME = "mock"
+
+    @staticmethod
+    def run(req: Request, cfg: dict):
+        delay = cfg["backend.mock.message_delay"]
+        prompt = req.last_user_text()
+        user = req.user_id if req.user_id is not None else "unknown"
+        yield ("event", {"content": "Hello from streamd! Prompt: " + cut_text(prompt, 50)})
+        yield ("sleep", delay)
+        yield ("event", {"content": "User ID: %s" % user})
+        for event in _MOCK_FIXED:
+            yield ("sleep", delay)
+            yield ("event", event)
+        words = sum(len(line.split()) for line in _MOCK_LINES) + 6 + len(prompt.split())
+        prompt_tokens = len(prompt.split())
+        return {"finish_reason": "stop", "usage": {"prompt_tokens": prompt_tokens,
+                "completion_tokens": words, "total_tokens": prompt_tokens + words}}
+
+
+# name -> the built-in backend, or the module path of one in backends/
+BACKENDS = {
+    "mock": MockBackend,
+    "typing": "backends.typing",
+    "openai": "backends.openai",
+    "anthropic": "backends.anthropic",
+    "gemini": "backends.gemini",
+    "langgraph": "backends.langgraph",
+}
+
+
+def load_backend(name: str):
+    entry = BACKENDS[name]
+    if not isinstance(entry, str):
+        return entry
+    try:
+        return importlib.import_module(entry)
+    except ImportError as e:
+        raise ConfigError("backend %r cannot be loaded: %s (is the backends/ directory next to streamd.py, "
+                          "and its packages installed?)" % (name, e)) from None
+
+
+# ---- Signals & systemd ----
+
+def sd_notify(state: str) -> bool:
+    """Tell systemd about our state (READY=1, STOPPING=1, WATCHDOG=1).  A no-op
+    without NOTIFY_SOCKET, i.e. when not started by systemd with Type=notify."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]  # abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto(state.encode(), addr)
+        return True
+    except OSError:
+        return False
+
+
+def systemd_listen_fds() -> list:
+    """fds passed by systemd socket activation (LISTEN_FDS, starting at fd 3)."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    try:
+        n = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return []
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)  # not for our children
+    return list(range(3, 3 + n))
+
+
+def watchdog_interval() -> float | None:
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return int(usec) / 1e6 / 2
+    except ValueError:
+        return None
+
+
+# ---- Client: send, demo ----
+#
+# `streamd.py send` does what Apache does: make a socket for the "client", pass
+# one end to the daemon with SCM_RIGHTS (plus the JSON), keep the other end and
+# read the response from it.
+
+def send_handoff(path: str, data: bytes, fd: int, socket_type: str = "seqpacket", timeout: float = 5.0) -> None:
+    """Hand `fd` to the daemon at `path` with `data`, exactly as mod_socket_handoff does."""
+    kind = socket.SOCK_SEQPACKET if socket_type == "seqpacket" else socket.SOCK_STREAM
+    with socket.socket(socket.AF_UNIX, kind) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendmsg([data or b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+
+
+class StreamReader:
+    """Incremental parser of the daemon's response (client side): status, then events."""
+
+    def __init__(self):
+        self.buf = b""
+        self.status = None
+        self.headers = None
+        self.events = []
+        self.body = b""  # for error responses
+
+    def feed(self, data: bytes) -> list:
+        """Return the SSE events completed by `data` (as decoded data strings)."""
+        self.buf += data
+        out = []
+        if self.status is None:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return out
+            lines = self.buf[:end].decode("latin-1").split("\r\n")
+            self.status = int(lines[0].split(" ")[1])
+            self.headers = dict(line.split(": ", 1) for line in lines[1:])
+            self.buf = self.buf[end + 4:]
+        if self.status != 200:
+            self.body += self.buf
+            self.buf = b""
+            return out
+        while True:
+            end = self.buf.find(b"\n\n")
+            if end < 0:
+                return out
+            block, self.buf = self.buf[:end].decode("utf-8"), self.buf[end + 2:]
+            out.append(block)
+            self.events.append(block)
+
+
+def cmd_send(argv) -> int:
+    import argparse
+    p = argparse.ArgumentParser(prog="streamd.py send", description=(
+        "Hand a socket to a running streamd exactly as Apache does, and print the response."))
+    p.add_argument("prompt", nargs="?", help="the prompt (sets 'prompt' in the handoff data)")
+    p.add_argument("--socket", default=OPTION_BY_KEY["server.socket_path"].default, help="daemon socket")
+    p.add_argument("--socket-type", default="seqpacket", choices=("seqpacket", "stream"))
+    p.add_argument("--data", default="", help="handoff data (JSON) to send as-is, PROMPT merged in")
+    p.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds")
+    p.add_argument("--quiet", action="store_true", help="print only the summary line")
+    a = p.parse_args(argv)
+    data = a.data.encode()
+    if a.prompt is not None:
+        try:
+            obj = json.loads(a.data) if a.data.strip() else {}
+        except ValueError as e:
+            p.error("--data: not valid JSON: %s" % e)
+        if not isinstance(obj, dict):
+            p.error("--data: expected a JSON object to merge PROMPT into")
+        obj["prompt"] = a.prompt
+        data = json.dumps(obj).encode()
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    t0 = time.monotonic()
+    try:
+        send_handoff(a.socket, data, theirs.fileno(), a.socket_type)
+    except OSError as e:
+        print("streamd send: cannot hand off to %s: %s" % (a.socket, e.strerror or e), file=sys.stderr)
+        return 3
+    finally:
+        theirs.close()
+    reader = StreamReader()
+    ttfb = None
+    mine.settimeout(a.timeout)
+    out = sys.stdout
+    total = 0
+    try:
+        while True:
+            chunk = mine.recv(65536)
+            if not chunk:
+                break
+            if ttfb is None:
+                ttfb = time.monotonic() - t0
+            total += len(chunk)
+            had_head = reader.status is not None
+            events = reader.feed(chunk)
+            if not a.quiet:
+                if not had_head and reader.status is not None:
+                    out.write("HTTP %d\n" % reader.status)
+                for ev in events:
+                    out.write(ev + "\n")
+                out.flush()
+    except socket.timeout:
+        print("streamd send: no data for %gs" % a.timeout, file=sys.stderr)
+    finally:
+        mine.close()
+    elapsed = time.monotonic() - t0
+    if reader.status not in (None, 200) and not a.quiet:
+        out.write(reader.body.decode("utf-8", "replace") + "\n")
+    done = bool(reader.events) and reader.events[-1] == "data: [DONE]"
+    print("status=%s events=%d bytes=%d ttfb_ms=%s total_ms=%.1f outcome=%s" % (
+        reader.status, len(reader.events), total, "%.1f" % (ttfb * 1000) if ttfb is not None else "-",
+        elapsed * 1000, "done" if done else "incomplete"), file=sys.stderr)
+    return 0 if done else 1
+
+
+def cmd_demo(argv) -> int:
+    """Start a daemon on a temporary socket, stream one request, stop it."""
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="streamd-demo-") as tmp:
+        path = os.path.join(tmp, "streamd.sock")
+        # Wait for READY=1 on our own notify socket, the way systemd does.
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(os.path.join(tmp, "notify"))
+        notify.settimeout(10)
+        env = dict(os.environ, NOTIFY_SOCKET=os.path.join(tmp, "notify"))
+        daemon = subprocess.Popen([sys.executable, os.path.abspath(__file__), "serve", "--socket", path,
+                                   "--metrics-addr", "", "--message-delay", "80ms"] + argv, env=env)
+        try:
+            try:
+                while notify.recv(256) != b"READY=1":
+                    pass
+            except socket.timeout:
+                print("demo: the daemon did not become ready", file=sys.stderr)
+                return 1
+            print("--- streamd is up on %s; handing it one connection as Apache would ---" % path,
+                  file=sys.stderr)
+            status = cmd_send(["--socket", path, "--data", '{"user_id": 42, "include_usage": true}',
+                               "Explain what streamd does, in eighteen short messages"])
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(30)
+            notify.close()
+        return status
+
+
+# ---- main ----
+
+def build_arg_parser():
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            # One line naming the problem, exit status 2 (SPEC §7).
+            self.exit(2, "streamd: %s\n" % message)
+
+    p = Parser(prog="streamd.py", description=(
+        "Stream Server-Sent Events to clients handed off by Apache mod_socket_handoff.\n"
+        "Commands: serve (default) runs the daemon; 'send [PROMPT]' hands one connection to a\n"
+        "running daemon and prints the stream; 'demo' starts a daemon and streams one request."),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE", help="YAML config file (needs PyYAML)")
+    p.add_argument("--version", action="version", version="streamd " + __version__)
+    for o in OPTIONS:
+        if o.parse is p_bool:
+            p.add_argument(o.flag, dest=o.key, action="store_const", const="true",
+                           default=argparse.SUPPRESS, help=o.help)
+        else:
+            p.add_argument(o.flag, dest=o.key, metavar=o.flag.strip("-").split("-")[-1].upper(),
+                           default=argparse.SUPPRESS, help="%s (config: %s)" % (o.help, o.key))
+    return p
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "send":
+        return cmd_send(argv[1:])
+    if argv and argv[0] == "demo":
+        return cmd_demo(argv[1:])
+    if argv and argv[0] == "serve":
+        argv = argv[1:]
+    args = vars(build_arg_parser().parse_args(argv))
+    path = args.pop("config", None)
+    env = dict(os.environ)
+    try:
+        cfg = load_config(args, env, path)
+    except ConfigError as e:
+        print("streamd: %s" % e, file=sys.stderr)
+        return 2
+    setup_logging(cfg["logging.level"], cfg["logging.format"])
+    daemon = Daemon(cfg)
+    daemon.flags, daemon.env = args, env
+    try:
+        daemon.backend(cfg["backend.provider"])
+        for name in cfg["backend.enabled"]:
+            daemon.backend(name)
+        daemon.fd_limit = raise_fd_limit()
+        daemon.max_connections = cap_connections(cfg["server.max_connections"], daemon.fd_limit)
+        if daemon.max_connections < cfg["server.max_connections"]:
+            log(logging.WARNING, "max_connections capped to the fd limit", wanted=cfg["server.max_connections"],
+                max_connections=daemon.max_connections, fd_limit=daemon.fd_limit)
+        daemon.open_listener()
+    except ConfigError as e:
+        print("streamd: %s" % e, file=sys.stderr)
+        return 2
+    daemon.install_signals()
+    interval = watchdog_interval()
+    if interval:
+        def pet(_=None):
+            sd_notify("WATCHDOG=1")
+            daemon.timers.call_later(interval, pet)
+        pet()
+    sd_notify("READY=1")
+    log(logging.INFO, "ready", version=__version__, backend=cfg["backend.provider"],
+        max_connections=daemon.max_connections, pid=os.getpid())
+    try:
+        status = daemon.run()
+    except BaseException:
+        log(logging.CRITICAL, "event loop crashed: this is a bug in streamd", exc_info=True)
+        daemon.close_listener()
+        raise
+    if cfg["server.benchmark"]:
+        s = daemon.stats
+        print("\n=== Benchmark Summary ===\nPeak concurrent streams: %d\nTotal started: %d\n"
+              "Total completed: %d\nTotal failed: %d\nTotal bytes sent: %d\n========================="
+              % (s.peak_streams, s.started, s.completed, s.failed, s.bytes_sent), flush=True)
+    log(logging.INFO, "stopped", completed=daemon.stats.completed, failed=daemon.stats.failed)
+    return status
+
+
+if __name__ == "__main__":
+    # Backends do `import streamd`; make that this running module, not a second copy.
+    sys.modules.setdefault("streamd", sys.modules[__name__])
+    sys.exit(main())
