@@ -855,7 +855,7 @@ class Connection:
         if not self.out or self.state is State.CLOSED:
             return
         timeout = self.cfg_limit("server.write_timeout")
-        if self.daemon.clock() - self.last_progress >= timeout:
+        if self.last_progress + timeout <= self.daemon.clock():  # same sum as the timer (see heartbeat)
             self.drop("timeout", "client accepted no bytes for %gs" % timeout)
         else:
             self.arm_write_timer()
@@ -906,7 +906,10 @@ class Connection:
         self.t_heartbeat = None
         if self.state is not State.STREAMING:
             return
-        if self.daemon.clock() - self.last_send >= self.cfg_limit("server.heartbeat_interval"):
+        # Compare with the same sum the timer was armed with: `now - last >= interval`
+        # can disagree with `last + interval <= now` by a rounding error, and then
+        # the timer would be re-armed in the past forever.
+        if self.last_send + self.cfg_limit("server.heartbeat_interval") <= self.daemon.clock():
             self.write(SSE_PING)
         self.arm_heartbeat()
 
