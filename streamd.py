@@ -1108,7 +1108,7 @@ class Daemon:
                 sock.close()
                 raise ConfigError("server.socket_path: cannot listen on %r: %s" % (path, e.strerror)) from None
             self.listener_owned = (path, os.stat(path).st_ino)
-            log(logging.INFO, "listening", socket=path, type=self.cfg["server.socket_type"],
+            log(logging.DEBUG, "listening", socket=path, type=self.cfg["server.socket_type"],
                 mode="%04o" % self.cfg["server.socket_mode"])
         sock.setblocking(False)
         self.listener = sock
@@ -1549,8 +1549,8 @@ class Daemon:
             self.stopping = True
             return
         self.draining = True
-        sd_notify("STOPPING=1")
         self.close_listener()
+        sd_notify("STOPPING=1")
         timeout = self.cfg["server.shutdown_timeout"]
         log(logging.INFO, "draining", streams=self.stats.active_streams, timeout_s=timeout)
         self.t_drain = self.timers.call_later(timeout, self.drain_expired)
@@ -2023,15 +2023,18 @@ def main(argv=None) -> int:
         daemon.backend(cfg["backend.provider"])
         for name in cfg["backend.enabled"]:
             daemon.backend(name)
-        daemon.fd_limit = raise_fd_limit()
-        daemon.max_connections = cap_connections(cfg["server.max_connections"], daemon.fd_limit)
-        if daemon.max_connections < cfg["server.max_connections"]:
-            log(logging.WARNING, "max_connections capped to the fd limit", wanted=cfg["server.max_connections"],
-                max_connections=daemon.max_connections, fd_limit=daemon.fd_limit)
         daemon.open_listener()
     except ConfigError as e:
         print("streamd: %s" % e, file=sys.stderr)
         return 2
+    daemon.fd_limit = raise_fd_limit()
+    daemon.max_connections = cap_connections(cfg["server.max_connections"], daemon.fd_limit)
+    if daemon.max_connections < cfg["server.max_connections"]:
+        # Expected with the default on most hosts; a warning only if it was asked for.
+        explicit = "server.max_connections" in args or (path and "server.max_connections" in read_config_file(path))
+        log(logging.WARNING if explicit else logging.INFO, "max_connections capped to the fd limit",
+            wanted=cfg["server.max_connections"], max_connections=daemon.max_connections,
+            fd_limit=daemon.fd_limit)
     daemon.install_signals()
     interval = watchdog_interval()
     if interval:

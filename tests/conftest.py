@@ -121,8 +121,13 @@ def handoff_pair(path, data=b"", **kw):
     if isinstance(data, dict):
         data = json.dumps(data).encode()
     mine, theirs = socket.socketpair()
-    raw_handoff(path, data, [theirs.fileno()], **kw)
-    theirs.close()
+    try:
+        raw_handoff(path, data, [theirs.fileno()], **kw)
+    except OSError:
+        mine.close()
+        raise
+    finally:
+        theirs.close()
     mine.setblocking(False)
     return mine
 
@@ -216,6 +221,14 @@ class DaemonProcess:
 
     def logs(self):
         return self.log_path.read_text()
+
+    def wait_log(self, needle, count=1, timeout=10):
+        """Wait until the daemon has logged `needle` `count` times."""
+        end = time.monotonic() + timeout
+        while self.logs().count(needle) < count:
+            if time.monotonic() > end or self.proc.poll() is not None:
+                raise AssertionError("daemon never logged %r x%d; log:\n%s" % (needle, count, self.logs()))
+            time.sleep(0.02)
 
     def signal(self, sig):
         self.proc.send_signal(sig)

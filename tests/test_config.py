@@ -1,0 +1,149 @@
+"""Config: parsers, precedence, one-line errors naming the value, docs in step."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, STREAMD
+import streamd
+from streamd import ConfigError, load_config
+
+
+@pytest.mark.parametrize("raw, seconds", [
+    ("50ms", 0.05), ("5s", 5.0), ("2m", 120.0), ("1h", 3600.0), ("1.5s", 1.5), (3, 3.0), ("7", 7.0),
+    (" 10 ms ", 0.01),
+])
+def test_durations(raw, seconds):
+    assert streamd.p_duration()(raw) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("raw", ["", "5x", "-1s", "s", True, [1], "1e3", "nan"])
+def test_bad_durations(raw):
+    with pytest.raises(ValueError):
+        streamd.p_duration()(raw)
+
+
+def test_zero_duration_only_where_allowed():
+    assert streamd.p_duration(allow_zero=True)("0") == 0
+    with pytest.raises(ValueError):
+        streamd.p_duration()("0s")
+
+
+@pytest.mark.parametrize("raw, n", [("64KiB", 65536), ("1MiB", 1 << 20), (100, 100), ("100", 100),
+                                    ("2k", 2048), ("3 MB", 3 << 20)])
+def test_sizes(raw, n):
+    assert streamd.p_size(raw) == n
+
+
+def test_modes():
+    assert streamd.p_mode("0660") == 0o660 and streamd.p_mode("600") == 0o600
+    for bad in (432, "0999", "rw", "07777"):
+        with pytest.raises(ValueError):
+            streamd.p_mode(bad)
+
+
+def test_addr():
+    assert streamd.p_addr("") == "" and streamd.p_addr("[::1]:9090") == "[::1]:9090"
+    for bad in ("9090", "host:", "host:99999", ":80", 80):
+        with pytest.raises(ValueError):
+            streamd.p_addr(bad)
+
+
+def test_defaults():
+    cfg = load_config({}, env={})
+    assert cfg["server.socket_path"] == "/run/streamd.sock" and cfg["server.socket_mode"] == 0o660
+    assert cfg["server.max_connections"] == 50000 and cfg["server.max_handoff_bytes"] == 128 * 1024
+    assert cfg["server.handoff_timeout"] == 5 and cfg["server.write_timeout"] == 30
+    assert cfg["metrics.listen_addr"] == "127.0.0.1:9090"
+
+
+def test_precedence_flag_env_file_default(tmp_path, monkeypatch):
+    opt = streamd.OPTION_BY_KEY["backend.default_model"]
+    monkeypatch.setattr(opt, "env", "STREAMD_TEST_MODEL")
+    f = tmp_path / "c.yaml"
+    f.write_text("backend:\n  default_model: from-file\n")
+    assert load_config({}, env={}, path=str(f))["backend.default_model"] == "from-file"
+    env = {"STREAMD_TEST_MODEL": "from-env"}
+    assert load_config({}, env=env, path=str(f))["backend.default_model"] == "from-env"
+    flags = {"backend.default_model": "from-flag"}
+    assert load_config(flags, env=env, path=str(f))["backend.default_model"] == "from-flag"
+
+
+def test_flag_error_names_flag_and_value():
+    with pytest.raises(ConfigError) as e:
+        load_config({"server.max_connections": "abc"}, env={})
+    assert str(e.value) == "--max-connections: expected an integer >= 1, got 'abc'"
+
+
+def test_file_error_names_file_key_and_value(tmp_path):
+    f = tmp_path / "config.yaml"
+    f.write_text("server:\n  max_connections: abc\n")
+    with pytest.raises(ConfigError) as e:
+        load_config({}, env={}, path=str(f))
+    assert str(e.value) == "%s: server.max_connections: expected an integer >= 1, got 'abc'" % f
+
+
+@pytest.mark.parametrize("text, message", [
+    ("server:\n  max_conections: 5\n", "server.max_conections: unknown key"),
+    ("nonsense: 1\n", "nonsense: unknown key"),
+    ("server: [1]\n", "server: unknown key"),
+    ("- 1\n", "top level: expected a mapping"),
+    ("server:\n  socket_mode: 0660\n", "server.socket_mode: expected an octal file mode in quotes"),
+    ("server: {a: [}\n", "invalid YAML at line 1"),
+    ("server:\n  write_high_water: 1MiB\n", "must not exceed server.write_buffer_limit"),
+    ("backend:\n  provider: nope\n", "unknown backend 'nope'"),
+])
+def test_file_errors(tmp_path, text, message):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config({}, env={}, path=str(f))
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="cannot read: No such file"):
+        load_config({}, env={}, path="/nonexistent.yaml")
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--max-connections", "abc"], "streamd: --max-connections: expected an integer >= 1, got 'abc'"),
+    (["--write-timeout", "soon"], "streamd: --write-timeout: expected a duration like 50ms, 5s, 2m or 1h "
+                                  "above 0, got 'soon'"),
+    (["--no-such-flag"], "streamd: unrecognized arguments: --no-such-flag"),
+    (["--socket", "relative.sock"], "streamd: --socket: expected an absolute path, got 'relative.sock'"),
+])
+def test_cli_errors_are_one_line_exit_2(args, line):
+    out = subprocess.run([sys.executable, STREAMD] + args, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert out.stderr == line + "\n"
+
+
+def test_config_without_pyyaml_is_a_clear_error(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("server: {}\n")
+    out = subprocess.run([sys.executable, "-S", STREAMD, "--config", str(f)], capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 2
+    assert out.stderr == "streamd: %s: reading a config file needs PyYAML (pip install PyYAML)\n" % f
+
+
+def test_example_config_is_valid_and_lists_every_key():
+    path = os.path.join(ROOT, "config.example.yaml")
+    raw = streamd.read_config_file(path)
+    assert sorted(raw) == sorted(o.key for o in streamd.OPTIONS), "config.example.yaml must show every key"
+    cfg = load_config({}, env={}, path=path)
+    defaults = load_config({}, env={})
+    assert {k: v for k, v in cfg.items() if k != "config_path"} == \
+        {k: v for k, v in defaults.items() if k != "config_path"}, "the example shows the defaults"
+
+
+def test_readme_documents_every_flag_and_key():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    for o in streamd.OPTIONS:
+        assert "`%s`" % o.key in readme, "README.md does not document key %s" % o.key
+        assert "`%s`" % o.flag in readme or "`%s " % o.flag in readme, "README.md does not document %s" % o.flag
+        if o.env:
+            assert "`%s`" % o.env in readme
