@@ -213,6 +213,13 @@ def p_addr(v):
     return v
 
 
+@_parser("an http:// or https:// URL")
+def p_url(v):
+    if not isinstance(v, str) or not re.match(r"^https?://[^/?#\s]+(/[^?#\s]*)?$", v):
+        raise ValueError
+    return v.rstrip("/")
+
+
 @_parser("a list of backend names")
 def p_names(v):
     if isinstance(v, str):
@@ -269,6 +276,58 @@ OPTIONS = [
            help="model when the handoff names none"),
     Option("backend.mock.message_delay", 0.05, p_duration(allow_zero=True), "--message-delay",
            live=True, help="mock: pause between events"),
+    Option("backend.openai.api_key", "", p_str, "--openai-key", env="OPENAI_API_KEY",
+           help="openai: API key (Authorization: Bearer); prefer the environment"),
+    Option("backend.openai.api_base", "https://api.openai.com/v1", p_url, "--openai-base",
+           env="OPENAI_API_BASE", help="openai: base URL; /chat/completions is appended"),
+    Option("backend.openai.api_socket", "", p_abspath_or_empty, "--openai-socket", env="OPENAI_API_SOCKET",
+           help="openai: reach the API over this Unix socket instead of TCP"),
+    Option("backend.openai.default_model", "", p_str, "--openai-model",
+           help="openai: model when the handoff names none (empty: backend.default_model)"),
+    Option("backend.anthropic.api_key", "", p_str, "--anthropic-key", env="ANTHROPIC_API_KEY",
+           help="anthropic: API key (x-api-key)"),
+    Option("backend.anthropic.api_base", "https://api.anthropic.com", p_url, "--anthropic-base",
+           env="ANTHROPIC_API_BASE", help="anthropic: base URL; /v1/messages is appended"),
+    Option("backend.anthropic.default_model", "claude-sonnet-4-5", p_str, "--anthropic-model",
+           help="anthropic: model when the handoff names none"),
+    Option("backend.anthropic.max_tokens", 1024, p_int(1), "--anthropic-max-tokens", live=True,
+           help="anthropic: max_tokens when the handoff sets none (the API requires one)"),
+    Option("backend.anthropic.version", "2023-06-01", p_str, "--anthropic-version",
+           help="anthropic: the anthropic-version header"),
+    Option("backend.gemini.api_key", "", p_str, "--gemini-key", env="GEMINI_API_KEY",
+           help="gemini: API key (x-goog-api-key)"),
+    Option("backend.gemini.api_base", "https://generativelanguage.googleapis.com", p_url, "--gemini-base",
+           env="GEMINI_API_BASE", help="gemini: base URL; /v1beta/models/... is appended"),
+    Option("backend.gemini.default_model", "gemini-2.5-flash", p_str, "--gemini-model",
+           help="gemini: model when the handoff names none"),
+    Option("backend.langgraph.api_key", "", p_str, "--langgraph-key", env="LANGGRAPH_API_KEY",
+           help="langgraph: API key (X-Api-Key)"),
+    Option("backend.langgraph.api_base", "http://127.0.0.1:2024", p_url, "--langgraph-base",
+           env="LANGGRAPH_API_BASE", help="langgraph: base URL of the deployment"),
+    Option("backend.langgraph.api_socket", "", p_abspath_or_empty, "--langgraph-socket",
+           env="LANGGRAPH_API_SOCKET", help="langgraph: reach the API over this Unix socket"),
+    Option("backend.langgraph.assistant_id", "agent", p_str, "--langgraph-assistant",
+           env="LANGGRAPH_ASSISTANT_ID", help="langgraph: assistant when the handoff names none"),
+    Option("backend.langgraph.stream_mode", ["messages-tuple"], p_names, "--langgraph-stream-mode",
+           env="LANGGRAPH_STREAM_MODE", help="langgraph: stream_mode when the handoff sets none"),
+    Option("backend.langgraph.output", "uniform", p_choice("uniform", "raw"), "--langgraph-output",
+           help="langgraph: uniform content events, or raw (the upstream SSE bytes verbatim)"),
+    Option("backend.typing.fortune_path", "/usr/games/fortune", p_abspath, "--fortune-path",
+           help="typing: program whose output is typed (a built-in quote when missing)"),
+    Option("backend.typing.char_delay", 0.04, p_duration(allow_zero=True), "--typing-delay", live=True,
+           help="typing: base pause between characters (longer after .!?, shorter after spaces)"),
+    Option("upstream.insecure_ssl", False, p_bool, "--insecure-ssl", env="STREAMD_INSECURE_SSL",
+           help="do not verify upstream TLS certificates (testing only; logged as a warning)"),
+    Option("upstream.connect_timeout", 10.0, p_duration(), "--connect-timeout", live=True,
+           help="name resolution + TCP connect + TLS handshake"),
+    Option("upstream.header_timeout", 60.0, p_duration(), "--header-timeout", live=True,
+           help="from sending the request to the upstream's response head"),
+    Option("upstream.idle_timeout", 60.0, p_duration(), "--idle-timeout", live=True,
+           help="longest silence between upstream bytes once the body started"),
+    Option("upstream.threads", 8, p_int(1, 256), "--upstream-threads",
+           help="helper threads for connection setup (DNS, connect, TLS)"),
+    Option("upstream.max_idle", 32, p_int(0), "--upstream-max-idle", live=True,
+           help="idle keep-alive connections kept per upstream"),
     Option("metrics.listen_addr", "127.0.0.1:9090", p_addr, "--metrics-addr",
            help="HOST:PORT for /metrics and /healthz; empty disables"),
     Option("logging.level", "info", p_choice("debug", "info", "warning", "error"), "--log-level",
@@ -928,8 +987,9 @@ class Connection:
         self.daemon.stop_backend(self)
         self.outcome = self.outcome or outcome
         self.transition("end")
-        self.chunks += 1
-        self.write(final)
+        if final:
+            self.chunks += 1
+            self.write(final)
         self.after_last_write()
 
     def after_last_write(self) -> None:
@@ -996,11 +1056,91 @@ class Connection:
 #   ("head",)                           send the 200 head now (else: at the first event)
 #   ("readable", sock, timeout|None)    resume when sock is readable
 #   ("writable", sock, timeout|None)    resume when sock is writable
+#   ("call", fn, timeout|None, cleanup) run fn() on a helper thread (for what cannot
+#                                       be non-blocking: DNS, connect, TLS setup) and
+#                                       resume with its result or exception; if the
+#                                       stream is gone by then, cleanup(result) runs
 #
 # A backend's return value may be {"finish_reason": …, "usage": {…}}, which
-# becomes the usage event when the handoff asked for include_usage.
+# becomes the usage event when the handoff asked for include_usage, and
+# "send_done": False to end without the [DONE] marker (raw pass-through).
 
 STEP_BUDGET = 64  # operations one generator may run per pass before others get a turn
+
+
+class HelperPool:
+    """A few threads for work that cannot be done without blocking.
+
+    The loop submits a job; a thread runs it and appends it to `done`, then
+    writes one byte to a socketpair the loop watches.  Only the loop touches
+    connections: threads see nothing but the job.  Threads start on first use
+    (the mock never needs them, and a forked worker must start its own)."""
+
+    class Job:
+        __slots__ = ("conn", "fn", "cleanup", "result", "exc", "cancelled", "timer")
+
+    def __init__(self, daemon, size):
+        import queue
+        import threading
+        self.daemon = daemon
+        self.size = size
+        self.jobs = queue.SimpleQueue()
+        self.done = collections.deque()   # deque.append/popleft are thread-safe
+        self.threads = []
+        self.idle = 0
+        self._threading = threading
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        daemon.selector.register(self.wake_r, _READ, self.on_wake)
+
+    def submit(self, conn, fn, cleanup):
+        job = HelperPool.Job()
+        job.conn, job.fn, job.cleanup = conn, fn, cleanup
+        job.result = job.exc = job.timer = None
+        job.cancelled = False
+        # Another thread only when none is idle (the count is approximate; a
+        # race costs at most one extra thread, still capped at `size`).
+        if len(self.threads) < self.size and self.idle <= self.jobs.qsize():
+            t = self._threading.Thread(target=self.work, name="streamd-helper", daemon=True)
+            t.start()
+            self.threads.append(t)
+        self.jobs.put(job)
+        return job
+
+    def work(self):
+        while True:
+            self.idle += 1
+            job = self.jobs.get()
+            self.idle -= 1
+            if job is None:
+                return
+            if not job.cancelled:
+                try:
+                    job.result = job.fn()
+                except BaseException as e:  # handed to the backend, which decides
+                    job.exc = e
+            self.done.append(job)
+            try:
+                self.wake_w.send(b"x")
+            except (BlockingIOError, OSError):
+                pass  # the loop is already woken (buffer full) or shutting down
+
+    def on_wake(self, sock, mask):
+        try:
+            sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            pass
+        while self.done:
+            job = self.done.popleft()
+            self.daemon.call_finished(job)
+
+    def close(self):
+        for _ in self.threads:
+            self.jobs.put(None)
+        self.daemon.selector.unregister(self.wake_r)
+        self.wake_r.close()
+        self.wake_w.close()
 
 
 # ---- Event loop ----
@@ -1044,7 +1184,9 @@ class Daemon:
         self.ops = {
             "sleep": self._op_sleep, "event": self._op_event, "raw": self._op_raw,
             "head": self._op_head, "readable": self._op_readable, "writable": self._op_writable,
+            "call": self._op_call,
         }
+        self.helpers = None  # HelperPool, made on the first "call"
 
     # -- the loop --
 
@@ -1412,6 +1554,36 @@ class Daemon:
             conn.waiting = None
             self.runnable.append((conn, None, TimeoutError("upstream did not answer in time")))
 
+    def _op_call(self, conn, op):
+        _, fn, timeout, cleanup = op
+        if self.helpers is None:
+            self.helpers = HelperPool(self, self.cfg["upstream.threads"])
+        job = self.helpers.submit(conn, fn, cleanup)
+        conn.waiting = job
+        if timeout is not None:
+            job.timer = conn.t_backend = self.timers.call_later(timeout, self.call_timed_out, job)
+        return PARK
+
+    def call_finished(self, job) -> None:
+        conn = job.conn
+        if job.cancelled:
+            # The stream ended (or timed out) while the thread worked: release
+            # whatever the job produced, e.g. a freshly connected socket.
+            if job.exc is None and job.cleanup is not None and job.result is not None:
+                job.cleanup(job.result)
+            return
+        conn.waiting = None
+        self.timers.cancel(job.timer)
+        conn.t_backend = None
+        self.runnable.append((conn, job.result, job.exc))
+
+    def call_timed_out(self, job) -> None:
+        job.cancelled = True
+        conn = job.conn
+        conn.t_backend = None
+        conn.waiting = None
+        self.runnable.append((conn, None, TimeoutError("timed out")))
+
     def resume(self, conn) -> None:
         conn.t_backend = None
         self.runnable.append((conn, None, None))
@@ -1421,7 +1593,10 @@ class Daemon:
         try/finally blocks release their sockets now."""
         self.timers.cancel(conn.t_backend)
         conn.t_backend = None
-        if conn.waiting is not None:
+        if isinstance(conn.waiting, HelperPool.Job):
+            conn.waiting.cancelled = True  # its result is cleaned up when it arrives
+            conn.waiting = None
+        elif conn.waiting is not None:
             # Unregister before the generator closes the socket in its finally.
             self.selector.unregister(conn.waiting)
             conn.waiting = None
@@ -1437,12 +1612,16 @@ class Daemon:
         conn.gen = None
         if conn.state is State.STARTING:
             conn.send_head()
-        if conn.req.include_usage and isinstance(result, dict) and result.get("usage"):
+        result = result if isinstance(result, dict) else {}
+        if conn.req.include_usage and result.get("usage"):
             conn.chunks += 1
             conn.write(sse_event({"finish_reason": result.get("finish_reason") or "stop",
                                   "usage": result["usage"]}))
         if conn.state is State.STREAMING:
-            conn.end_stream(SSE_DONE, "done")
+            if result.get("send_done", True):
+                conn.end_stream(SSE_DONE, "done")
+            else:
+                conn.end_stream(b"", "done")
 
     def backend_failed(self, conn: Connection, exc: BaseException) -> None:
         """A backend's stream failed: a status before the head, an error event after."""
@@ -1618,6 +1797,12 @@ class Daemon:
                 conn.outcome = conn.outcome or "shutdown"
                 conn.transition("abort")
                 self.release(conn)
+        for mod in self.backends.values():
+            if hasattr(mod, "close"):
+                mod.close()  # e.g. pooled upstream connections
+        if self.helpers is not None:
+            self.helpers.close()
+            self.helpers = None
         if self.wakeup_r is not None:
             signal.set_wakeup_fd(-1)
             self.selector.unregister(self.wakeup_r)
@@ -2056,7 +2241,8 @@ def main(argv=None) -> int:
         print("\n=== Benchmark Summary ===\nPeak concurrent streams: %d\nTotal started: %d\n"
               "Total completed: %d\nTotal failed: %d\nTotal bytes sent: %d\n========================="
               % (s.peak_streams, s.started, s.completed, s.failed, s.bytes_sent), flush=True)
-    log(logging.INFO, "stopped", completed=daemon.stats.completed, failed=daemon.stats.failed)
+    log(logging.INFO, "stopped", completed=daemon.stats.completed, failed=daemon.stats.failed,
+        peak_streams=daemon.stats.peak_streams, max_loop_lag_ms=round(daemon.timers.max_lag * 1000, 2))
     return status
 
 

@@ -1,0 +1,588 @@
+"""The upstream HTTP/1.1 client that every LLM backend shares.
+
+Connection setup is urllib3's job: on a helper thread (the loop's "call"
+operation) it resolves the name, connects, and does the TLS handshake with
+certificate verification.  From then on the loop owns the socket: this module
+writes the request, reads the status and headers, removes the body framing
+(chunked, Content-Length or until-EOF) and feeds an incremental SSE parser, all
+non-blocking, by yielding "readable"/"writable" operations to the loop.
+
+Why not urllib3's response object: after getresponse() the first SSE bytes
+already sit in http.client's buffer, its reads block, and a TLS socket hides
+decrypted bytes from select() (research/upstreams.md §6).  So after the
+handshake we read the raw socket ourselves, and drain TLS until want-read.
+
+Pure pieces first (SSEParser, ChunkedDecoder, parse_head): bytes in, values out.
+Then Target (where an upstream is and how to connect) and Stream (one request).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import select
+import socket
+import ssl
+import time
+from urllib.parse import urlsplit
+
+from streamd import BackendError, log
+
+import logging
+
+MAX_HEAD = 64 * 1024         # status line + headers
+MAX_EVENT = 1024 * 1024      # one SSE line or event (tool calls and LangGraph values can be big)
+MAX_ERROR_BODY = 4096        # how much of an error response we read
+KEEPALIVE_IDLE = 30.0        # an idle pooled connection older than this is closed, not reused
+
+
+class UpstreamProtocolError(ValueError):
+    """The upstream broke HTTP or SSE framing."""
+
+
+# ---- SSE (WHATWG "event stream interpretation") ----
+
+class SSEEvent:
+    __slots__ = ("event", "data", "id")
+
+    def __init__(self, event, data, id):
+        self.event, self.data, self.id = event, data, id
+
+    def __repr__(self):
+        return "SSEEvent(%r, %r, id=%r)" % (self.event, self.data, self.id)
+
+    def __eq__(self, other):
+        return (self.event, self.data, self.id) == (other.event, other.data, other.id)
+
+
+_EOL = re.compile(rb"\r\n|\r|\n")
+_BOM = b"\xef\xbb\xbf"
+
+
+class SSEParser:
+    """Incremental: feed() bytes as they arrive, get back completed events.
+
+    Lines end with CRLF, LF or CR, in any mix.  A read that ends in a lone CR is
+    ambiguous (CR, or the first half of CRLF), so that CR waits for the next
+    byte.  Lines are decoded as UTF-8 only when complete: a line break never
+    falls inside a multi-byte sequence, so a character split across reads is
+    whole by then."""
+
+    def __init__(self, max_size: int = MAX_EVENT):
+        self.max_size = max_size
+        self.buf = b""
+        self.started = False
+        self.data = []
+        self.size = 0
+        self.type = ""
+        self.last_id = ""
+
+    def feed(self, chunk: bytes) -> list:
+        buf = self.buf + chunk if self.buf else chunk
+        if not self.started:
+            if len(buf) < 3 and _BOM.startswith(buf):
+                self.buf = buf
+                return []
+            self.started = True
+            if buf.startswith(_BOM):
+                buf = buf[3:]
+        events = []
+        pos, end = 0, len(buf)
+        search = _EOL.search
+        while True:
+            m = search(buf, pos)
+            if m is None or (m.end() == end and m.end() - m.start() == 1 and buf[m.start()] == 13):
+                break  # no line end, or a lone CR at the very end: wait for the next byte
+            self._line(buf[pos:m.start()], events)
+            pos = m.end()
+        self.buf = buf[pos:]
+        if len(self.buf) > self.max_size:
+            raise UpstreamProtocolError("SSE line longer than %d bytes" % self.max_size)
+        return events
+
+    def close(self) -> list:
+        """End of stream: a held CR ends its line; an unfinished event is dropped."""
+        events = []
+        if self.buf.endswith(b"\r"):
+            self._line(self.buf[:-1], events)
+        self.buf = b""
+        self.data, self.size, self.type = [], 0, ""
+        return events
+
+    def _line(self, raw: bytes, events: list) -> None:
+        if not raw:
+            if self.data:
+                events.append(SSEEvent(self.type or "message", "\n".join(self.data), self.last_id))
+            self.data, self.size, self.type = [], 0, ""
+            return
+        if raw[0] == 58:  # ":" comment (heartbeats)
+            return
+        line = raw.decode("utf-8", "replace")
+        name, colon, value = line.partition(":")
+        if colon and value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self.size += len(raw)
+            if self.size > self.max_size:
+                raise UpstreamProtocolError("SSE event larger than %d bytes" % self.max_size)
+            self.data.append(value)
+        elif name == "event":
+            self.type = value
+        elif name == "id":
+            if "\0" not in value:
+                self.last_id = value
+        # "retry" and unknown fields are ignored
+
+
+# ---- HTTP/1.1 framing ----
+
+class ChunkedDecoder:
+    """Transfer-Encoding: chunked, incrementally.  `done` after the last chunk
+    and its trailers: only then is the body known to be complete."""
+
+    SIZE, DATA, DATA_END, TRAILER, DONE = range(5)
+
+    def __init__(self):
+        self.state = self.SIZE
+        self.buf = b""
+        self.left = 0
+
+    @property
+    def done(self):
+        return self.state == self.DONE
+
+    def feed(self, data: bytes) -> bytes:
+        buf = self.buf + data if self.buf else data
+        out = []
+        pos = 0
+        while pos < len(buf) and self.state != self.DONE:
+            if self.state == self.DATA:
+                take = min(self.left, len(buf) - pos)
+                out.append(buf[pos:pos + take])
+                pos += take
+                self.left -= take
+                if not self.left:
+                    self.state = self.DATA_END
+                continue
+            nl = buf.find(b"\n", pos)
+            if nl < 0:
+                if len(buf) - pos > 4096:
+                    raise UpstreamProtocolError("chunk header longer than 4096 bytes")
+                break
+            line = buf[pos:nl].rstrip(b"\r")
+            pos = nl + 1
+            if self.state == self.SIZE:
+                size_text = line.split(b";", 1)[0].strip()
+                try:
+                    self.left = int(size_text, 16)
+                except ValueError:
+                    raise UpstreamProtocolError("bad chunk size %r" % size_text[:20]) from None
+                if self.left < 0:
+                    raise UpstreamProtocolError("bad chunk size %r" % size_text[:20])
+                self.state = self.DATA if self.left else self.TRAILER
+            elif self.state == self.DATA_END:
+                if line:
+                    raise UpstreamProtocolError("chunk data longer than its size")
+                self.state = self.SIZE
+            elif self.state == self.TRAILER and not line:
+                self.state = self.DONE
+        self.buf = buf[pos:]
+        return b"".join(out)
+
+
+def parse_head(block: bytes):
+    """`HTTP/1.1 200 OK\\r\\nName: value…` (without the blank line) →
+    (status, {lower-case name: value})."""
+    lines = block.decode("latin-1").split("\n")
+    parts = lines[0].rstrip("\r").split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit() or len(parts[1]) != 3:
+        raise UpstreamProtocolError("bad status line %r" % lines[0][:80])
+    headers = {}
+    for line in lines[1:]:
+        line = line.rstrip("\r")
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip():
+            raise UpstreamProtocolError("bad header line %r" % line[:80])
+        name = name.lower()
+        value = value.strip()
+        headers[name] = headers[name] + ", " + value if name in headers else value
+    return int(parts[1]), headers
+
+
+def retry_after_seconds(headers: dict):
+    """The upstream's retry hint (retry-after-ms, or retry-after in seconds), rounded up."""
+    try:
+        if "retry-after-ms" in headers:
+            return max(1, math.ceil(float(headers["retry-after-ms"]) / 1000))
+        if "retry-after" in headers:
+            return max(1, math.ceil(float(headers["retry-after"])))
+    except ValueError:
+        pass  # an HTTP-date: not worth parsing; clients get our default
+    return None
+
+
+def error_message(body: bytes) -> str:
+    """The human part of a provider's JSON error body, if it has one."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return body[:200].decode("utf-8", "replace").strip()
+    if isinstance(obj, dict):
+        err = obj.get("error", obj)
+        if isinstance(err, dict):
+            msg = err.get("message") or err.get("detail") or err.get("type")
+        else:
+            msg = obj.get("message") or obj.get("detail") or err
+        if msg:
+            return str(msg)[:300]
+    return ""
+
+
+# ---- Where an upstream is, and how to connect to it ----
+
+class Target:
+    """One upstream: base URL, optional Unix socket, TLS settings, idle pool."""
+
+    def __init__(self, base_url: str, api_socket: str = "", insecure: bool = False):
+        u = urlsplit(base_url)
+        self.scheme = u.scheme
+        self.host = u.hostname or "localhost"
+        self.port = u.port or (443 if u.scheme == "https" else 80)
+        self.path = u.path.rstrip("/")
+        self.api_socket = api_socket
+        self.insecure = insecure
+        default_port = u.port is None or u.port == (443 if u.scheme == "https" else 80)
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        self.host_header = host if default_port else "%s:%d" % (host, self.port)
+        self.idle = []  # [(sock, since)], newest last; loop thread only
+
+    def __repr__(self):
+        return "Target(%s://%s%s%s)" % (self.scheme, self.host_header, self.path,
+                                        " via " + self.api_socket if self.api_socket else "")
+
+    def connect_blocking(self, timeout: float):
+        """Runs on a helper thread: urllib3 resolves, connects and (for https)
+        does the TLS handshake with certificate and hostname verification."""
+        from urllib3.connection import HTTPConnection, HTTPSConnection
+        if self.scheme == "https":
+            conn = HTTPSConnection(self.host, self.port, timeout=timeout,
+                                   cert_reqs="CERT_NONE" if self.insecure else "CERT_REQUIRED",
+                                   assert_hostname=False if self.insecure else None)
+        else:
+            conn = HTTPConnection(self.host, self.port, timeout=timeout)
+        conn.connect()
+        sock, conn.sock = conn.sock, None  # we own it now; urllib3 must not close it
+        sock.setblocking(False)
+        return sock
+
+    def connect_unix(self):
+        """An AF_UNIX upstream connects at once or never (no EINPROGRESS on Linux)."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect(self.api_socket)
+        except BlockingIOError:
+            s.close()
+            raise BackendError("upstream socket %s: backlog full" % self.api_socket, status=503,
+                               retry_after=1) from None
+        except OSError as e:
+            s.close()
+            raise BackendError("upstream socket %s: %s" % (self.api_socket, e.strerror), reason="network") from None
+        return s
+
+    def checkout(self):
+        """A pooled keep-alive connection that still looks healthy, or None."""
+        now = time.monotonic()
+        while self.idle:
+            sock, since = self.idle.pop()
+            if now - since < KEEPALIVE_IDLE and not _readable(sock):
+                return sock
+            sock.close()  # expired, closed by the server, or unexpected bytes
+        return None
+
+    def checkin(self, sock, max_idle: int) -> None:
+        if len(self.idle) < max_idle:
+            self.idle.append((sock, time.monotonic()))
+        else:
+            sock.close()
+
+
+def _readable(sock) -> bool:
+    """An idle connection should have nothing to read: readable means closed."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    r, _, _ = select.select([sock], [], [], 0)
+    return bool(r)
+
+
+_targets = {}
+
+
+def close_all() -> None:
+    """Close every pooled connection (the daemon calls this at exit)."""
+    for t in _targets.values():
+        while t.idle:
+            t.idle.pop()[0].close()
+    _targets.clear()
+
+
+def target(cfg: dict, name: str) -> Target:
+    """The Target for backend `name` under this config (cached: it holds the pool)."""
+    base = cfg["backend.%s.api_base" % name]
+    sock = cfg.get("backend.%s.api_socket" % name, "")
+    insecure = cfg["upstream.insecure_ssl"]
+    key = (base, sock, insecure)
+    t = _targets.get(key)
+    if t is None:
+        t = _targets[key] = Target(base, sock, insecure)
+        if insecure and t.scheme == "https":
+            log(logging.WARNING, "upstream TLS certificates are NOT verified (insecure_ssl)", backend=name)
+    return t
+
+
+# ---- One request ----
+
+class Stream:
+    """One HTTP request on a socket the loop drives.  Generator methods are
+    used with `yield from` inside a backend."""
+
+    def __init__(self, target: Target, sock, cfg: dict, reused: bool):
+        self.target = target
+        self.sock = sock
+        self.cfg = cfg
+        self.reused = reused
+        self.status = None
+        self.headers = {}
+        self.body = None       # "chunked" | "length" | "eof"
+        self.chunked = None
+        self.left = 0
+        self.pending = b""     # body bytes read together with the head
+        self.sse = SSEParser()
+        self.complete = False  # body framing ended cleanly
+        self.keep_alive = False
+
+    # -- I/O primitives (generators) --
+
+    def send_all(self, data: bytes, timeout: float):
+        view = memoryview(data)
+        while view:
+            try:
+                n = self.sock.send(view)
+            except (BlockingIOError, ssl.SSLWantWriteError):
+                yield ("writable", self.sock, timeout)
+                continue
+            except ssl.SSLWantReadError:
+                yield ("readable", self.sock, timeout)
+                continue
+            view = view[n:]
+
+    def recv_some(self, timeout: float):
+        """Wait for bytes; return them, or b"" at EOF.  On TLS, keep reading
+        until want-read: decrypted bytes inside OpenSSL are invisible to select()."""
+        tls = isinstance(self.sock, ssl.SSLSocket)
+        while True:
+            chunks = []
+            try:
+                while True:
+                    data = self.sock.recv(65536)
+                    if not data:
+                        break
+                    chunks.append(data)
+                    if not tls and len(data) < 65536:
+                        break
+            except (BlockingIOError, ssl.SSLWantReadError):
+                pass
+            except ssl.SSLWantWriteError:
+                yield ("writable", self.sock, timeout)
+                continue
+            except (ConnectionError, ssl.SSLError, OSError) as e:
+                if chunks:
+                    return b"".join(chunks)
+                raise BackendError("upstream connection failed: %s" % (getattr(e, "strerror", None) or e),
+                                   reason="network") from None
+            else:
+                return b"".join(chunks)  # EOF (possibly after some data)
+            if chunks:
+                return b"".join(chunks)
+            yield ("readable", self.sock, timeout)
+
+    # -- the exchange --
+
+    def send_request(self, method: str, path: str, headers: dict, body: bytes):
+        lines = ["%s %s HTTP/1.1" % (method, path), "Host: " + self.target.host_header,
+                 "User-Agent: streamd", "Accept-Encoding: identity"]
+        if body is not None:
+            lines += ["Content-Type: application/json", "Content-Length: %d" % len(body)]
+        lines += ["%s: %s" % kv for kv in headers.items()]
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+        yield from self.send_all(head + (body or b""), self.cfg["upstream.header_timeout"])
+
+    def read_head(self):
+        buf = b""
+        timeout = self.cfg["upstream.header_timeout"]
+        while True:
+            data = yield from self.recv_some(timeout)
+            if not data:
+                raise BackendError("upstream closed the connection before answering", reason="network")
+            buf += data
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > MAX_HEAD:
+                    raise BackendError("upstream response head larger than %d bytes" % MAX_HEAD)
+                continue
+            status, headers = parse_head(buf[:end])
+            buf = buf[end + 4:]
+            if 100 <= status < 200:
+                continue  # 100 Continue / 103 Early Hints: the real head follows
+            self.status, self.headers = status, headers
+            if headers.get("content-encoding", "identity").lower() != "identity":
+                raise BackendError("upstream sent Content-Encoding %r; we asked for identity"
+                                   % headers["content-encoding"])
+            if "chunked" in headers.get("transfer-encoding", "").lower():
+                self.body, self.chunked = "chunked", ChunkedDecoder()
+            elif "content-length" in headers:
+                try:
+                    self.body, self.left = "length", int(headers["content-length"])
+                except ValueError:
+                    raise BackendError("upstream sent a bad Content-Length") from None
+            else:
+                self.body = "eof"
+            self.keep_alive = (self.body != "eof" and "close" not in headers.get("connection", "").lower())
+            self.pending = buf
+            return
+
+    def read_body(self, timeout: float):
+        """The next piece of the body with framing removed; None once complete.
+        An upstream that closes before its framing ends is an error."""
+        while True:
+            if self.pending:
+                data, self.pending = self.pending, b""
+            elif self.complete:
+                return None
+            else:
+                data = yield from self.recv_some(timeout)
+                if not data:
+                    if self.body == "eof":
+                        self.complete = True
+                        return None
+                    raise BackendError("upstream closed the connection mid-stream", reason="upstream")
+            try:
+                if self.body == "chunked":
+                    out = self.chunked.feed(data)
+                    self.complete = self.chunked.done
+                elif self.body == "length":
+                    out = data[:self.left]
+                    self.left -= len(out)
+                    self.complete = not self.left
+                else:
+                    out = data
+            except UpstreamProtocolError as e:
+                raise BackendError("upstream broke HTTP framing: %s" % e) from None
+            if out:
+                return out
+            if self.complete:
+                return None
+
+    def next_events(self):
+        """The SSE events completed by the next read; None when the body is done."""
+        timeout = self.cfg["upstream.idle_timeout"]
+        while True:
+            data = yield from self.read_body(timeout)
+            try:
+                if data is None:
+                    return self.sse.close() or None
+                events = self.sse.feed(data)
+            except UpstreamProtocolError as e:
+                raise BackendError("upstream broke SSE framing: %s" % e) from None
+            if events:
+                return events
+
+    def read_error_body(self):
+        """Up to MAX_ERROR_BODY bytes of an error response (best effort, short wait)."""
+        out = b""
+        try:
+            while len(out) < MAX_ERROR_BODY:
+                data = yield from self.read_body(min(5.0, self.cfg["upstream.idle_timeout"]))
+                if data is None:
+                    break
+                out += data
+        except (BackendError, TimeoutError):
+            pass
+        return out[:MAX_ERROR_BODY]
+
+    def close(self) -> None:
+        """Back to the pool if the exchange was complete and reusable, else closed."""
+        sock, self.sock = self.sock, None
+        if sock is None:
+            return
+        if self.complete and self.keep_alive and not self.pending:
+            self.target.checkin(sock, self.cfg["upstream.max_idle"])
+        else:
+            sock.close()
+
+
+def _close(sock):
+    sock.close()
+
+
+def open_stream(tgt: Target, cfg: dict, method: str, path: str, headers: dict, body,
+                secrets=()):
+    """Connect (or reuse a pooled connection), send the request, read the head.
+
+    Returns a Stream whose status is 2xx; raises BackendError otherwise:
+    502 for a refused/failed/invalid upstream, 503 (with the upstream's
+    Retry-After) for 429/503/529, 504 for a timeout.  `secrets` (API keys) are
+    cut out of any upstream error text we pass on."""
+    payload = json.dumps(body, ensure_ascii=False).encode("utf-8") if body is not None else None
+    for attempt in (0, 1):
+        sock = tgt.checkout() if attempt == 0 else None
+        reused = sock is not None
+        if sock is None:
+            if tgt.api_socket:
+                sock = tgt.connect_unix()
+            else:
+                timeout = cfg["upstream.connect_timeout"]
+                try:
+                    sock = yield ("call", lambda: tgt.connect_blocking(timeout), timeout + 1, _close)
+                except TimeoutError:
+                    raise BackendError("connecting to %s timed out" % tgt.host_header, status=504,
+                                       kind="upstream_timeout", reason="timeout") from None
+                except ssl.SSLCertVerificationError as e:
+                    raise BackendError("TLS certificate of %s not trusted: %s" % (tgt.host_header,
+                                       e.verify_message or e.reason), reason="network") from None
+                except Exception as e:  # socket.gaierror, refused, TLS failures, urllib3 errors
+                    reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+                    raise BackendError("cannot connect to %s: %s" % (tgt.host_header, reason),
+                                       reason="network") from None
+        stream = Stream(tgt, sock, cfg, reused)
+        try:
+            yield from stream.send_request(method, path, headers, payload)
+            yield from stream.read_head()
+        except TimeoutError:
+            stream.close()
+            raise BackendError("upstream %s did not answer within %gs" % (tgt.host_header,
+                               cfg["upstream.header_timeout"]), status=504, kind="upstream_timeout",
+                               reason="timeout") from None
+        except BackendError:
+            stream.close()
+            if reused and stream.status is None:
+                continue  # a pooled connection the server had closed: one fresh try
+            raise
+        except BaseException:
+            stream.close()
+            raise
+        break
+    if 200 <= stream.status < 300:
+        return stream
+    text = yield from stream.read_error_body()
+    stream.close()
+    message = error_message(text)
+    for secret in secrets:
+        if secret:
+            message = message.replace(secret, "[redacted]")
+    status = stream.status
+    detail = "upstream answered %d%s" % (status, ": " + message if message else "")
+    if status in (429, 503, 529):
+        raise BackendError(detail, status=503, kind="upstream_unavailable",
+                           retry_after=retry_after_seconds(stream.headers) or 1)
+    raise BackendError(detail, status=502, kind="upstream_error")

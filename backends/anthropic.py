@@ -1,0 +1,83 @@
+"""anthropic: the Anthropic Messages API.
+
+POST {api_base}/v1/messages with "stream": true.  Text arrives in
+content_block_delta events of type text_delta; message_stop ends the stream;
+an `error` event (e.g. overloaded_error) fails it.
+"""
+import json
+
+from streamd import BackendError
+from backends import _http
+
+NAME = "anthropic"
+close = _http.close_all  # the daemon calls close() at exit: pooled connections
+
+
+def request_body(req, cfg):
+    system = [text for role, text in req.conversation() if role == "system"]
+    if req.system:
+        system.insert(0, req.system)
+    messages = [{"role": "assistant" if role == "assistant" else "user", "content": text}
+                for role, text in req.conversation() if role != "system"]
+    body = {"model": req.model or cfg["backend.anthropic.default_model"],
+            "max_tokens": req.max_tokens or cfg["backend.anthropic.max_tokens"],
+            "messages": messages, "stream": True}
+    if system:
+        body["system"] = "\n\n".join(system)
+    for field in ("temperature", "top_p"):
+        if getattr(req, field) is not None:
+            body[field] = getattr(req, field)
+    return body
+
+
+def run(req, cfg):
+    target = _http.target(cfg, NAME)
+    key = cfg["backend.anthropic.api_key"]
+    headers = {"Accept": "text/event-stream", "anthropic-version": cfg["backend.anthropic.version"]}
+    if key:
+        headers["x-api-key"] = key
+    if req.test_pattern:
+        headers["X-Test-Pattern"] = req.test_pattern
+    stream = yield from _http.open_stream(target, cfg, "POST", target.path + "/v1/messages", headers,
+                                          request_body(req, cfg), secrets=(key,))
+    try:
+        yield ("head",)
+        stopped, finish, usage = False, None, {"prompt_tokens": 0, "completion_tokens": 0}
+        while True:
+            events = yield from stream.next_events()
+            if events is None:
+                break
+            for ev in events:
+                try:
+                    data = json.loads(ev.data)
+                except ValueError:
+                    raise BackendError("upstream sent an event that is not JSON") from None
+                kind = ev.event if ev.event != "message" else (data.get("type") if isinstance(data, dict) else "")
+                if not isinstance(data, dict):
+                    continue
+                if kind == "content_block_delta":
+                    delta = data.get("delta") or {}
+                    if delta.get("type") == "text_delta" and delta.get("text"):
+                        yield ("event", {"content": delta["text"]})
+                elif kind == "message_start":
+                    u = (data.get("message") or {}).get("usage") or {}
+                    usage["prompt_tokens"] = u.get("input_tokens", 0)
+                    usage["completion_tokens"] = u.get("output_tokens", 0)
+                elif kind == "message_delta":
+                    finish = (data.get("delta") or {}).get("stop_reason") or finish
+                    out = (data.get("usage") or {}).get("output_tokens")
+                    if out is not None:
+                        usage["completion_tokens"] = out  # cumulative, not an increment
+                elif kind == "message_stop":
+                    stopped = True
+                elif kind == "error":
+                    err = data.get("error") or {}
+                    raise BackendError("upstream %s: %s" % (err.get("type", "error"), err.get("message", "")),
+                                       kind="upstream_error")
+                # ping, content_block_start/stop and unknown types are ignored
+        if not stopped:
+            raise BackendError("upstream stream ended without message_stop")
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return {"finish_reason": finish or "end_turn", "usage": usage}
+    finally:
+        stream.close()

@@ -1,0 +1,367 @@
+"""A test upstream that speaks the four providers' real wire formats.
+
+Standard library only: a listening socket (TCP on 127.0.0.1, optionally TLS, or
+a Unix socket) and one thread per connection.  It serves HTTP/1.1 keep-alive,
+chunked SSE by default.  The X-Test-Pattern request header picks a scenario:
+
+  (none)        8 words, finish "stop", the provider's end marker
+  unicode       emoji, CJK and 4-byte characters
+  short         the whole body in 1-byte HTTP chunks (splits lines and UTF-8)
+  long          3 events of 4096 ASCII characters
+  abort:N       N content events, then the connection is cut (no framing end)
+  cut:N         N content events, clean framing end, but no end marker
+  finish:R      finish reason R
+  status:C      HTTP status C with the provider's JSON error body (+ retry-after: 7)
+  slow:MS       MS milliseconds between events
+  silent        response head, then nothing until the client leaves
+  nohead        reads the request, never answers
+  error         2 events, then the provider's mid-stream error event
+  flood:N       N events of 1 KiB, as fast as the client takes them
+  length        Content-Length framing instead of chunked
+  eof           no framing: Connection: close, body ends at EOF
+
+It records every request (path, headers, JSON body) and, per request, when
+the client hung up.
+"""
+import json
+import os
+import select
+import socket
+import ssl
+import threading
+import time
+
+WORDS = ["Hello", " from", " the", " test", " upstream", ",", " streamd", "!"]
+UNICODE = ["😀", "🚀", "中", "文", "𝐀", "𝐁", "Hello 世界! 🌍", "naïve café"]
+
+
+class Recorded:
+    def __init__(self, path, headers, body):
+        self.path, self.headers, self.body = path, headers, body
+        self.hung_up = threading.Event()
+        self.hung_up_at = None
+        self.bytes_sent = 0
+        self.finished = threading.Event()
+
+
+class Format:
+    """How one provider frames content, the finish, usage, errors, the end."""
+    eol = b"\n"
+
+    def ev(self, obj, event=None):
+        out = b""
+        if event:
+            out += b"event: " + event.encode() + self.eol
+        out += b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj, ensure_ascii=False).encode())
+        return out + self.eol + self.eol
+
+
+class OpenAI(Format):
+    def start(self): return b""
+
+    def content(self, text):
+        return self.ev({"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 0,
+                        "model": "test-model", "choices": [{"index": 0, "delta": {"content": text},
+                                                            "finish_reason": None}]})
+
+    def finish(self, reason, n, body):
+        out = self.ev({"id": "chatcmpl-test", "choices": [{"index": 0, "delta": {}, "finish_reason": reason}]})
+        if (body.get("stream_options") or {}).get("include_usage"):
+            out += self.ev({"id": "chatcmpl-test", "choices": [],
+                            "usage": {"prompt_tokens": 5, "completion_tokens": n, "total_tokens": 5 + n}})
+        return out
+
+    def end(self): return self.ev(b"[DONE]")
+
+    def error(self): return self.ev({"error": {"message": "boom mid-stream", "type": "server_error"}})
+
+    def status_body(self, code):
+        return {"error": {"message": "test error %d" % code, "type": "test_error", "code": None}}
+
+
+class Anthropic(Format):
+    def start(self):
+        return (self.ev({"type": "message_start", "message": {"id": "msg_test", "role": "assistant", "content": [],
+                                                             "usage": {"input_tokens": 5, "output_tokens": 1}}},
+                        "message_start")
+                + self.ev({"type": "content_block_start", "index": 0,
+                           "content_block": {"type": "text", "text": ""}}, "content_block_start")
+                + self.ev({"type": "ping"}, "ping"))
+
+    def content(self, text):
+        return self.ev({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}},
+                       "content_block_delta")
+
+    def finish(self, reason, n, body):
+        return (self.ev({"type": "content_block_stop", "index": 0}, "content_block_stop")
+                + self.ev({"type": "message_delta", "delta": {"stop_reason": reason},
+                           "usage": {"output_tokens": n}}, "message_delta"))
+
+    def end(self): return self.ev({"type": "message_stop"}, "message_stop")
+
+    def error(self):
+        return self.ev({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}, "error")
+
+    def status_body(self, code):
+        return {"type": "error", "error": {"type": "rate_limit_error", "message": "test error %d" % code}}
+
+
+class Gemini(Format):
+    eol = b"\r\n"  # Gemini frames events with CRLF
+
+    def start(self): return b""
+
+    def content(self, text):
+        return self.ev({"candidates": [{"content": {"parts": [{"text": text}], "role": "model"}, "index": 0}],
+                        "usageMetadata": {"promptTokenCount": 5, "totalTokenCount": 5}})
+
+    def finish(self, reason, n, body):
+        return self.ev({"candidates": [{"content": {"parts": [{"text": ""}], "role": "model"},
+                                        "finishReason": reason.upper(), "index": 0}],
+                        "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": n,
+                                          "totalTokenCount": 5 + n}})
+
+    def end(self): return b""  # the finishReason is Gemini's end marker
+
+    def error(self): return self.ev({"error": {"code": 503, "message": "overloaded", "status": "UNAVAILABLE"}})
+
+    def status_body(self, code):
+        return {"error": {"code": code, "message": "test error %d" % code, "status": "RESOURCE_EXHAUSTED"}}
+
+
+class LangGraph(Format):
+    def start(self):
+        return self.ev({"run_id": "run-1", "attempt": 1}, "metadata") + b": heartbeat\n\n"
+
+    def content(self, text):
+        return self.ev([{"content": text, "type": "AIMessageChunk", "id": "m1"},
+                        {"langgraph_node": "agent"}], "messages")
+
+    def finish(self, reason, n, body):
+        # a tool message in between: must not reach the client as text
+        return self.ev([{"content": "TOOL OUTPUT", "type": "tool", "id": "t1"}, {}], "messages")
+
+    def end(self): return self.ev(b"null", "end")
+
+    def error(self): return self.ev({"error": "ValueError", "message": "boom"}, "error")
+
+    def status_body(self, code): return {"detail": "test error %d" % code}
+
+
+def route(path):
+    if path.endswith("/chat/completions"):
+        return OpenAI()
+    if path.endswith("/v1/messages"):
+        return Anthropic()
+    if ":streamGenerateContent" in path:
+        return Gemini()
+    if path.endswith("/runs/stream"):
+        return LangGraph()
+    return None
+
+
+class TestUpstream:
+    __test__ = False  # not a pytest test class
+    def __init__(self, tls_context=None, unix_path=None):
+        if unix_path:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.bind(unix_path)
+        else:
+            self.sock = socket.socket()
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.tls = tls_context
+        self.unix_path = unix_path
+        self.port = None if unix_path else self.sock.getsockname()[1]
+        self.requests = []
+        self.connections = 0
+        self.handshake_delay = 0.0  # seconds before the TLS handshake (a slow upstream)
+        self.lock = threading.Lock()
+        self.stopped = False
+        self.conns = []
+        threading.Thread(target=self.accept_loop, daemon=True).start()
+
+    @property
+    def base(self):
+        return "%s://127.0.0.1:%d" % ("https" if self.tls else "http", self.port)
+
+    def close(self):
+        self.stopped = True
+        self.sock.close()
+        for c in list(self.conns):
+            try:
+                c.close()
+            except OSError:
+                pass
+
+    def accept_loop(self):
+        while not self.stopped:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def serve(self, conn):
+        self.conns.append(conn)
+        try:
+            if self.tls:
+                if self.handshake_delay:
+                    time.sleep(self.handshake_delay)
+                conn = self.tls.wrap_socket(conn, server_side=True)
+                self.conns.append(conn)
+            buf = b""
+            while not self.stopped:
+                req, buf = self.read_request(conn, buf)
+                if req is None:
+                    return
+                if not self.respond(conn, req):
+                    return
+        except (OSError, ssl.SSLError):
+            return
+        finally:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    def read_request(self, conn, buf):
+        while b"\r\n\r\n" not in buf:
+            data = conn.recv(65536)
+            if not data:
+                return None, b""
+            buf += data
+        head, buf = buf.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        method, path, _ = lines[0].split(" ", 2)
+        headers = {}
+        for line in lines[1:]:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+        n = int(headers.get("content-length", "0"))
+        while len(buf) < n:
+            data = conn.recv(65536)
+            if not data:
+                return None, b""
+            buf += data
+        body, buf = buf[:n], buf[n:]
+        rec = Recorded(path, headers, json.loads(body) if body else None)
+        with self.lock:
+            self.requests.append(rec)
+        return rec, buf
+
+    # -- responses --
+
+    def wait_hangup(self, conn, rec, seconds):
+        """Sleep up to `seconds`, noticing if the client hangs up meanwhile."""
+        end = time.monotonic() + seconds
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            r, _, _ = select.select([conn], [], [], left)
+            if r:
+                try:
+                    data = conn.recv(1)
+                except (OSError, ssl.SSLError):
+                    data = b""
+                if not data:
+                    rec.hung_up_at = time.monotonic()
+                    rec.hung_up.set()
+                    return True
+
+    def send(self, conn, rec, data):
+        try:
+            conn.sendall(data)
+        except (OSError, ssl.SSLError):
+            rec.hung_up_at = time.monotonic()
+            rec.hung_up.set()
+            return False
+        rec.bytes_sent += len(data)
+        return True
+
+    def respond(self, conn, rec):
+        if rec.path.endswith("/threads") and rec.body is not None:
+            body = json.dumps({"thread_id": rec.body.get("thread_id")}).encode()
+            return self.send(conn, rec, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        fmt = route(rec.path)
+        pattern = rec.headers.get("x-test-pattern", "")
+        name, _, arg = pattern.partition(":")
+        if fmt is None:
+            return self.send(conn, rec, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        if name == "nohead":
+            self.wait_hangup(conn, rec, 30)
+            return False
+        if name == "status":
+            code = int(arg)
+            body = json.dumps(fmt.status_body(code)).encode()
+            return self.send(conn, rec, b"HTTP/1.1 %d Error\r\nContent-Type: application/json\r\n"
+                                        b"retry-after: 7\r\nContent-Length: %d\r\n\r\n%s" % (code, len(body), body))
+        pieces, finish, end, delay = list(WORDS), "stop", True, 0.0
+        cut_connection = error = False
+        if name == "unicode":
+            pieces = UNICODE
+        elif name == "long":
+            pieces = ["x" * 4096] * 3
+        elif name == "abort":
+            pieces, cut_connection = WORDS[:int(arg)], True
+        elif name == "cut":
+            pieces, end = WORDS[:int(arg)], False
+        elif name == "finish":
+            finish = arg or "stop"
+        elif name == "slow":
+            delay = int(arg) / 1000
+        elif name == "error":
+            pieces, error = WORDS[:2], True
+        elif name == "flood":
+            pieces = ["y" * 1024] * int(arg)
+        framing = {"length": "length", "eof": "eof"}.get(name, "chunked")
+        events = [fmt.start()] + [fmt.content(p) for p in pieces]
+        if error:
+            events.append(fmt.error())
+        elif not cut_connection:
+            if end or not isinstance(fmt, Gemini):
+                events.append(fmt.finish(finish, len(pieces), rec.body or {}))
+            if end:
+                events.append(fmt.end())
+        head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+        if framing == "chunked":
+            head += "Transfer-Encoding: chunked\r\n"
+        elif framing == "length":
+            head += "Content-Length: %d\r\n" % sum(len(e) for e in events)
+        else:
+            head += "Connection: close\r\n"
+        if not self.send(conn, rec, (head + "\r\n").encode()):
+            return False
+        if name == "silent":
+            self.wait_hangup(conn, rec, 30)
+            return False
+        for i, ev in enumerate(events):
+            if not ev:
+                continue
+            if i > 1 and delay and self.wait_hangup(conn, rec, delay):
+                return False
+            if framing != "chunked":
+                out = ev
+            elif name == "short":
+                out = b"".join(b"1\r\n%s\r\n" % ev[j:j + 1] for j in range(len(ev)))
+            else:
+                out = b"%x\r\n%s\r\n" % (len(ev), ev)
+            if not self.send(conn, rec, out):
+                return False
+        if cut_connection:
+            rec.finished.set()
+            conn.shutdown(socket.SHUT_RDWR)
+            return False
+        if framing == "chunked":
+            if not self.send(conn, rec, b"0\r\n\r\n"):
+                return False
+        rec.finished.set()
+        return framing != "eof"
+
+    def last(self):
+        with self.lock:
+            return self.requests[-1]
