@@ -311,8 +311,9 @@ def _readable(sock) -> bool:
     """An idle connection should have nothing to read: readable means closed."""
     if isinstance(sock, ssl.SSLSocket) and sock.pending():
         return True
-    r, _, _ = select.select([sock], [], [], 0)
-    return bool(r)
+    poller = select.poll()  # not select.select(): it fails for fd numbers above 1024
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 _targets = {}

@@ -436,3 +436,19 @@ def test_typing_pauses():
     from backends.typing import pause
     rnd = random.Random(1)
     assert pause(".", 0.04, rnd) > pause("a", 0.04, rnd) > pause(" ", 0.04, rnd)
+
+
+def test_keep_alive_with_fd_numbers_above_1024(daemon, upstream):
+    """Under load pooled connections get high fd numbers: the health check must cope."""
+    up = upstream()
+    ip = daemon(**settings("openai", up))
+    filler = [os.dup(0) for _ in range(1100)]
+    try:
+        for _ in range(2):
+            c = stream(ip, {})
+            assert contents(c)[1]
+            c.close()
+        assert up.connections == 1
+    finally:
+        for fd in filler:
+            os.close(fd)

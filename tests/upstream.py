@@ -170,7 +170,7 @@ class TestUpstream:
             self.sock = socket.socket()
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
+        self.sock.listen(4096)
         self.tls = tls_context
         self.unix_path = unix_path
         self.port = None if unix_path else self.sock.getsockname()[1]
@@ -261,8 +261,9 @@ class TestUpstream:
             left = end - time.monotonic()
             if left <= 0:
                 return False
-            r, _, _ = select.select([conn], [], [], left)
-            if r:
+            poller = select.poll()  # not select(): fds above 1024 under load
+            poller.register(conn, select.POLLIN)
+            if poller.poll(left * 1000):
                 try:
                     data = conn.recv(1)
                 except (OSError, ssl.SSLError):
