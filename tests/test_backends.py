@@ -229,8 +229,6 @@ def test_closed_pooled_connection_is_replaced(daemon, upstream, name):
 
 @pytest.mark.parametrize("name", PROVIDERS)
 def test_slow_client_pauses_upstream_reading(daemon, upstream, name, tmp_path):
-    if name in ("anthropic", "gemini"):
-        pytest.skip("api_socket is offered by the openai and langgraph backends")
     up = upstream(unix_path=str(tmp_path / "up.sock"))
     ip = daemon(**{"backend__provider": name, "backend__%s__api_base" % name: "http://localhost",
                    "backend__%s__api_socket" % name: up.unix_path})
@@ -253,7 +251,7 @@ def test_slow_client_pauses_upstream_reading(daemon, upstream, name, tmp_path):
     assert done and len(text) == 8000 * 1024
 
 
-@pytest.mark.parametrize("name", ["openai", "langgraph"])
+@pytest.mark.parametrize("name", PROVIDERS)
 def test_api_socket(daemon, upstream, name, tmp_path):
     up = upstream(unix_path=str(tmp_path / "api.sock"))
     ip = daemon(**{"backend__provider": name, "backend__%s__api_base" % name: "http://api.internal/v1",
