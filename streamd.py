@@ -22,6 +22,7 @@ loop, Mock backend & registry, Signals & systemd, Client (send, demo), main.
 from __future__ import annotations
 
 import array
+import bisect
 import collections
 import enum
 import errno
@@ -642,7 +643,8 @@ def parse_handoff(data: bytes) -> Request:
     return req
 
 
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 413: "Content Too Large",
+REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 413: "Content Too Large",
+           431: "Request Header Fields Too Large",
            500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
            504: "Gateway Timeout"}
 ERROR_KINDS = {400: "invalid_request", 413: "request_too_large", 500: "internal_error",
@@ -813,7 +815,7 @@ class Connection:
     __slots__ = ("daemon", "id", "state", "sock", "mask", "out", "t_life", "t_write",
                  "t_backend", "t_heartbeat", "last_progress", "last_send", "accepted_at",
                  "started_at", "first_byte_at", "req", "backend_name", "gen", "cfg", "parked",
-                 "waiting", "status", "bytes", "chunks", "outcome", "has_client", "unix_buf",
+                 "waiting", "status", "bytes", "chunks", "outcome", "has_client", "backend_error", "unix_buf",
                  "unix_fds")
 
     def __init__(self, daemon, unix_sock, cid):
@@ -833,6 +835,7 @@ class Connection:
         self.bytes = self.chunks = 0
         self.outcome = None
         self.has_client = False  # True once a client socket was received
+        self.backend_error = False  # the backend itself failed (not the client, not shutdown)
         self.unix_buf = None  # stream-mode handoffs arrive in pieces until EOF
         self.unix_fds = None
 
@@ -1150,16 +1153,335 @@ class HelperPool:
 
 # ---- Event loop ----
 
+# ---- Metrics ----
+#
+# The loop keeps plain integers and bucket arrays (an increment, or a bisect
+# per stream); prometheus_client only renders them when /metrics is scraped,
+# through a collector that reads a snapshot.  So the hot path never takes a
+# metrics lock, --benchmark skips only the histograms, and with --workers the
+# parent sums the snapshots its workers send.  Names, labels and buckets match
+# the Go daemon's, so its dashboards work unchanged.
+
+def _buckets(start, n=15):
+    return tuple(start * 2 ** k for k in range(n))
+
+
+HANDOFF_BUCKETS = _buckets(0.0001)   # 0.1 ms .. 1.6 s
+STREAM_BUCKETS = _buckets(0.01)      # 10 ms .. 164 s
+TTFB_BUCKETS = _buckets(0.001)       # 1 ms .. 16 s
+LAG_BUCKETS = HANDOFF_BUCKETS
+STREAM_REASONS = ("client_disconnected", "timeout", "canceled", "network", "slow_client",
+                  "upstream", "shutdown", "other")
+
+
+class Histogram:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def dump(self):
+        return [self.counts, self.sum]
+
+
 class Stats:
-    """Plain counters: /healthz, SIGHUP's log line and the --benchmark summary."""
+    """Every number streamd reports: /metrics, /healthz, the SIGHUP log line,
+    the --benchmark summary.  Only the loop thread touches it."""
 
     __slots__ = ("active_connections", "active_streams", "peak_streams", "started", "completed",
-                 "failed", "bytes_sent", "handoffs", "handoff_errors", "rejected")
+                 "failed", "bytes_sent", "chunks_sent", "handoffs", "handoff_errors", "rejected",
+                 "stream_errors", "backend_requests", "backend_errors",
+                 "upstream_retries", "circuit_open", "handoff_duration", "stream_duration",
+                 "backend_duration", "backend_ttfb", "loop_lag", "histograms")
 
-    def __init__(self):
-        for name in self.__slots__:
+    def __init__(self, histograms: bool = True):
+        for name in ("active_connections", "active_streams", "peak_streams", "started", "completed",
+                     "failed", "bytes_sent", "chunks_sent", "handoffs", "rejected"):
             setattr(self, name, 0)
-        self.handoff_errors = collections.Counter()
+        for name in ("handoff_errors", "stream_errors", "backend_requests", "backend_errors",
+                     "upstream_retries"):
+            setattr(self, name, collections.Counter())
+        self.circuit_open = {}
+        self.histograms = histograms  # False under --benchmark: no metric observations
+        self.handoff_duration = Histogram(HANDOFF_BUCKETS)
+        self.stream_duration = Histogram(STREAM_BUCKETS)
+        self.loop_lag = Histogram(LAG_BUCKETS)
+        self.backend_duration = {}
+        self.backend_ttfb = {}
+
+    def observe_backend(self, table: dict, bounds, backend: str, value: float) -> None:
+        h = table.get(backend)
+        if h is None:
+            h = table[backend] = Histogram(bounds)
+        h.observe(value)
+
+    def snapshot(self, live=()) -> dict:
+        """A JSON-able copy; `live` connections add the bytes and events they
+        have sent so far (counted into the totals only when they close)."""
+        bytes_sent, chunks = self.bytes_sent, self.chunks_sent
+        for conn in live:
+            bytes_sent += conn.bytes
+            chunks += conn.chunks
+        return {
+            "gauges": {"active_connections": self.active_connections, "active_streams": self.active_streams,
+                       "peak_streams": self.peak_streams},
+            # connections_total counts handoffs admitted under the limit
+            "counters": {"connections": self.handoffs - self.rejected, "connections_rejected": self.rejected,
+                         "handoffs": self.handoffs, "bytes_sent": bytes_sent, "chunks_sent": chunks,
+                         "started": self.started, "completed": self.completed, "failed": self.failed},
+            "labeled": {"handoff_errors": dict(self.handoff_errors), "stream_errors": dict(self.stream_errors),
+                        "backend_requests": dict(self.backend_requests),
+                        "backend_errors": dict(self.backend_errors),
+                        "upstream_retries": dict(self.upstream_retries)},
+            "circuit_open": dict(self.circuit_open),
+            "histograms": {"handoff_duration": self.handoff_duration.dump(),
+                           "stream_duration": self.stream_duration.dump(),
+                           "loop_lag": self.loop_lag.dump()},
+            "backend_histograms": {"backend_duration": {b: h.dump() for b, h in self.backend_duration.items()},
+                                   "backend_ttfb": {b: h.dump() for b, h in self.backend_ttfb.items()}},
+        }
+
+
+def merge_snapshots(snaps) -> dict:
+    """Add up snapshots (workers, plus those that exited).  Gauges add too;
+    peak_streams is the largest."""
+    out = Stats().snapshot()
+    for snap in snaps:
+        for section in ("gauges", "counters"):
+            for k, v in snap[section].items():
+                out[section][k] = max(out[section][k], v) if k == "peak_streams" else out[section][k] + v
+        for name, table in snap["labeled"].items():
+            dst = out["labeled"].setdefault(name, {})
+            for k, v in table.items():
+                dst[k] = dst.get(k, 0) + v
+        for k, v in snap["circuit_open"].items():
+            out["circuit_open"][k] = max(out["circuit_open"].get(k, 0), v)
+        for name, (counts, total) in snap["histograms"].items():
+            dc, _ = out["histograms"][name]
+            out["histograms"][name] = [[a + b for a, b in zip(dc, counts)], out["histograms"][name][1] + total]
+        for name, table in snap["backend_histograms"].items():
+            dst = out["backend_histograms"][name]
+            for b, (counts, total) in table.items():
+                if b in dst:
+                    dst[b] = [[x + y for x, y in zip(dst[b][0], counts)], dst[b][1] + total]
+                else:
+                    dst[b] = [list(counts), total]
+    return out
+
+
+_HELP = {
+    "active_connections": "Client connections currently open",
+    "connections": "Client connections handed off and admitted",
+    "connections_rejected": "Handoffs answered 503 because max_connections was reached",
+    "handoffs": "Handoff messages received with a usable client socket",
+    "handoff_errors": "Handoffs that failed, by reason",
+    "handoff_duration": "Time from accepting the Unix connection to having the client socket",
+    "active_streams": "Streams in progress",
+    "peak_streams": "Most streams in progress at once since start",
+    "bytes_sent": "Bytes written to clients (headers and body)",
+    "chunks_sent": "SSE events written to clients",
+    "stream_errors": "Streams that ended without [DONE], by reason",
+    "stream_duration": "Stream duration, every stream",
+    "backend_requests": "Streams started, by backend",
+    "backend_errors": "Streams whose backend failed, by backend",
+    "backend_duration": "Backend stream duration, successful streams",
+    "backend_ttfb": "Time from stream start to the first event, by backend",
+    "loop_lag": "How late the event loop ran a due timer",
+    "upstream_retries": "Upstream requests retried before the first byte, by backend",
+    "circuit_open": "1 while the backend's circuit breaker is open",
+}
+_BUCKETS = {"handoff_duration": HANDOFF_BUCKETS, "stream_duration": STREAM_BUCKETS, "loop_lag": LAG_BUCKETS,
+            "backend_duration": STREAM_BUCKETS, "backend_ttfb": TTFB_BUCKETS}
+_LABEL = {"handoff_errors": "reason", "stream_errors": "reason", "backend_requests": "backend",
+          "backend_errors": "backend", "upstream_retries": "backend"}
+
+
+class SnapshotCollector:
+    """A prometheus_client collector that renders a snapshot (see Stats)."""
+
+    def __init__(self, source, backends=()):
+        self.source = source
+        self.backends = backends  # configured backends: their series exist from the start
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+        snap = self.source()
+
+        def hist(name, dump, labels=None, values=None):
+            counts, total = dump
+            cum, buckets = 0, []
+            for bound, n in zip(_BUCKETS[name] + (float("inf"),), counts):
+                cum += n
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cum))
+            return buckets, total
+
+        for name, v in snap["gauges"].items():
+            yield GaugeMetricFamily("daemon_" + name, _HELP[name], value=v)
+        for name in ("connections", "connections_rejected", "handoffs", "bytes_sent", "chunks_sent"):
+            yield CounterMetricFamily("daemon_" + name, _HELP[name], value=snap["counters"][name])
+        for name, label in _LABEL.items():
+            fam = CounterMetricFamily("daemon_" + name, _HELP[name], labels=[label])
+            table = dict(snap["labeled"].get(name, {}))
+            if label == "backend":
+                for b in self.backends:
+                    table.setdefault(b, 0)
+            elif name == "stream_errors":
+                for r in STREAM_REASONS:
+                    table.setdefault(r, 0)
+            for k in sorted(table):
+                fam.add_metric([k], table[k])
+            yield fam
+        fam = GaugeMetricFamily("daemon_circuit_open", _HELP["circuit_open"], labels=["backend"])
+        for b in sorted(set(self.backends) | set(snap["circuit_open"])):
+            fam.add_metric([b], snap["circuit_open"].get(b, 0))
+        yield fam
+        for name, dump in snap["histograms"].items():
+            buckets, total = hist(name, dump)
+            yield HistogramMetricFamily("daemon_" + name + "_seconds", _HELP[name], buckets=buckets,
+                                        sum_value=total)
+        for name, table in snap["backend_histograms"].items():
+            fam = HistogramMetricFamily("daemon_" + name + "_seconds", _HELP[name], labels=["backend"])
+            for b in sorted(table):
+                buckets, total = hist(name, table[b])
+                fam.add_metric([b], buckets, total)
+            yield fam
+
+
+def metrics_registry(source, backends):
+    """A registry with our collector plus the process/platform/gc collectors
+    (the Go daemon exposes its runtime's equivalents).  None without
+    prometheus_client: metrics are then off, with one warning."""
+    try:
+        from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+    except ImportError:
+        log(logging.WARNING, "metrics disabled: prometheus_client is not installed (pip install prometheus-client)")
+        return None
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(source, backends))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+class MetricsServer:
+    """GET /metrics and /healthz, served from the event loop: non-blocking,
+    a request-size cap and a deadline, one request per connection."""
+
+    MAX_REQUEST = 8192
+    TIMEOUT = 5.0
+
+    def __init__(self, loop, addr: str, registry, health):
+        host, _, port = addr.rpartition(":")
+        host = host.strip("[]")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.sock.bind((host, int(port)))
+            self.sock.listen(64)
+        except OSError as e:
+            self.sock.close()
+            raise ConfigError("metrics.listen_addr: cannot listen on %r: %s" % (addr, e.strerror)) from None
+        self.sock.setblocking(False)
+        self.loop, self.registry, self.health = loop, registry, health
+        self.clients = {}  # sock -> [inbuf, outbuf, timer]
+        loop.selector.register(self.sock, _READ, self.on_accept)
+        self.addr = self.sock.getsockname()
+
+    def on_accept(self, sock, mask):
+        while True:
+            try:
+                c, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return  # EMFILE and friends: the handoff listener pauses; this just waits
+            c.setblocking(False)
+            timer = self.loop.timers.call_later(self.TIMEOUT, self.expire, c)
+            self.clients[c] = [b"", b"", timer]
+            self.loop.selector.register(c, _READ, self.on_client)
+
+    def expire(self, c):
+        if c in self.clients:
+            self.clients[c][2] = None
+            self.drop(c)
+
+    def drop(self, c):
+        state = self.clients.pop(c)
+        self.loop.timers.cancel(state[2])
+        self.loop.selector.unregister(c)
+        c.close()
+
+    def on_client(self, c, mask):
+        state = self.clients[c]
+        if mask & _READ and not state[1]:
+            try:
+                data = c.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return self.drop(c)
+            if not data:
+                return self.drop(c)
+            state[0] += data
+            end = state[0].find(b"\r\n\r\n")
+            if end < 0:
+                if len(state[0]) > self.MAX_REQUEST:
+                    state[1] = self.response(431, "text/plain", b"request header too large\n")
+                else:
+                    return
+            else:
+                state[1] = self.route(state[0][:end])
+            self.loop.selector.modify(c, _WRITE, self.on_client)
+        if mask & _WRITE or state[1]:
+            try:
+                n = c.send(state[1])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return self.drop(c)
+            state[1] = state[1][n:]
+            if not state[1]:
+                self.drop(c)
+
+    def route(self, head: bytes) -> bytes:
+        parts = head.split(b"\r\n", 1)[0].split(b" ")
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+            return self.response(400, "text/plain", b"bad request\n")
+        method, target = parts[0], parts[1].split(b"?", 1)[0]
+        if target not in (b"/metrics", b"/healthz"):
+            return self.response(404, "text/plain", b"not found: try /metrics or /healthz\n")
+        if method not in (b"GET", b"HEAD"):
+            return self.response(405, "text/plain", b"method not allowed\n", extra="Allow: GET, HEAD\r\n")
+        if target == b"/healthz":
+            status, body = self.health()
+            out = self.response(status, "application/json", _dumps(body))
+        elif self.registry is None:
+            out = self.response(503, "text/plain", b"metrics disabled: prometheus_client is not installed\n")
+        else:
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+            out = self.response(200, CONTENT_TYPE_LATEST, generate_latest(self.registry))
+        if method == b"HEAD":
+            out = out[:out.index(b"\r\n\r\n") + 4]
+        return out
+
+    @staticmethod
+    def response(status, ctype, body, extra=""):
+        return ("HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n%s\r\n"
+                % (status, REASONS.get(status, "Error"), ctype, len(body), extra)).encode() + body
+
+    def close(self):
+        for c in list(self.clients):
+            self.drop(c)
+        self.loop.selector.unregister(self.sock)
+        self.sock.close()
 
 
 class Daemon:
@@ -1173,7 +1495,8 @@ class Daemon:
         self.runnable = collections.deque()  # (conn, value, exception) to resume
         self.conns = {}                       # id -> Connection
         self.ids = itertools.count(1)
-        self.stats = Stats()
+        self.stats = Stats(histograms=not cfg["server.benchmark"])
+        self.metrics = None  # MetricsServer, when metrics.listen_addr is set
         self.listener = None
         self.listener_owned = None  # (path, inode) when we created the socket file
         self.accept_paused = False
@@ -1314,10 +1637,30 @@ class Daemon:
         self.accept_paused = True
         self.timers.call_later(0.1, self.resume_accepting)
 
-    def probe_lag(self, _=None) -> None:
-        """A timer that re-arms itself: how late it fires is the loop's lag
-        (Timers.run_due records it), measured even when no stream has a timer."""
-        self.timers.call_later(LAG_PROBE_INTERVAL, self.probe_lag)
+    def probe_lag(self, due=None) -> None:
+        """A timer that re-arms itself: how late it fires is the loop's lag,
+        measured even when no stream has a timer (daemon_loop_lag_seconds)."""
+        now = self.clock()
+        if due is not None and self.stats.histograms:
+            self.stats.loop_lag.observe(now - due)
+        self.timers.call_at(now + LAG_PROBE_INTERVAL, self.probe_lag, now + LAG_PROBE_INTERVAL)
+
+    def snapshot(self) -> dict:
+        return self.stats.snapshot(self.conns.values())
+
+    def health(self):
+        s = self.stats
+        status = "draining" if self.draining else "ok"
+        return (503 if self.draining else 200,
+                {"status": status, "active_streams": s.active_streams, "active_connections": s.active_connections})
+
+    def start_metrics(self) -> None:
+        addr = self.cfg["metrics.listen_addr"]
+        if not addr:
+            return
+        registry = metrics_registry(self.snapshot, self.allowed_backends())
+        self.metrics = MetricsServer(self, addr, registry, self.health)
+        log(logging.INFO, "metrics", addr="%s:%d" % self.metrics.addr[:2], enabled=registry is not None)
 
     def resume_accepting(self, _=None) -> None:
         if self.accept_paused and self.listener is not None:
@@ -1394,6 +1737,8 @@ class Daemon:
         conn.sock = client
         conn.has_client = True
         conn.cfg = self.cfg
+        if self.stats.histograms:
+            self.stats.handoff_duration.observe(self.clock() - conn.accepted_at)
         self.stats.handoffs += 1
         self.stats.active_connections += 1
         self.selector.register(client, _READ, conn.on_client_io)
@@ -1449,6 +1794,7 @@ class Daemon:
         conn.backend_name = conn.req.backend or self.cfg["backend.provider"]
         conn.started_at = self.clock()
         self.stats.started += 1
+        self.stats.backend_requests[conn.backend_name] += 1
         self.stats.active_streams += 1
         if self.stats.active_streams > self.stats.peak_streams:
             self.stats.peak_streams = self.stats.active_streams
@@ -1516,6 +1862,9 @@ class Daemon:
             conn.send_head()
         if conn.first_byte_at is None:
             conn.first_byte_at = self.clock()
+            if self.stats.histograms:
+                self.stats.observe_backend(self.stats.backend_ttfb, TTFB_BUCKETS, conn.backend_name,
+                                           conn.first_byte_at - conn.started_at)
         conn.chunks += events
         conn.write(data)
         if conn.state is not State.STREAMING:
@@ -1636,6 +1985,7 @@ class Daemon:
     def backend_failed(self, conn: Connection, exc: BaseException) -> None:
         """A backend's stream failed: a status before the head, an error event after."""
         conn.gen = None
+        conn.backend_error = True
         if isinstance(exc, BackendError):
             status, kind, reason, message, retry = exc.status, exc.kind, exc.reason, str(exc), exc.retry_after
             log(logging.WARNING, "stream failed", conn=conn.id, backend=conn.backend_name,
@@ -1694,13 +2044,22 @@ class Daemon:
         stats = self.stats
         stats.active_connections -= 1
         stats.bytes_sent += conn.bytes
+        stats.chunks_sent += conn.chunks
         now = self.clock()
         if conn.started_at is not None:
             stats.active_streams -= 1
+            duration = now - conn.started_at
             if conn.outcome == "done":
                 stats.completed += 1
+                if stats.histograms:
+                    stats.observe_backend(stats.backend_duration, STREAM_BUCKETS, conn.backend_name, duration)
             else:
                 stats.failed += 1
+                stats.stream_errors[conn.outcome if conn.outcome in STREAM_REASONS else "other"] += 1
+            if conn.backend_error:
+                stats.backend_errors[conn.backend_name] += 1
+            if stats.histograms:
+                stats.stream_duration.observe(duration)
         req = conn.req
         log(logging.INFO, "stream done", conn=conn.id,
             request_id=req.request_id if req and req.request_id else "",
@@ -1807,6 +2166,9 @@ class Daemon:
                 conn.outcome = conn.outcome or "shutdown"
                 conn.transition("abort")
                 self.release(conn)
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         for mod in self.backends.values():
             if hasattr(mod, "close"):
                 mod.close()  # e.g. pooled upstream connections
@@ -2219,7 +2581,9 @@ def main(argv=None) -> int:
         for name in cfg["backend.enabled"]:
             daemon.backend(name)
         daemon.open_listener()
+        daemon.start_metrics()
     except ConfigError as e:
+        daemon.close_listener()
         print("streamd: %s" % e, file=sys.stderr)
         return 2
     daemon.fd_limit = raise_fd_limit()
