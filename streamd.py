@@ -265,8 +265,8 @@ OPTIONS = [
            live=True, help="on SIGTERM, how long live streams may still run"),
     Option("server.heartbeat_interval", 15.0, p_duration(allow_zero=True), "--heartbeat-interval",
            live=True, help="send ': ping' after this much silence"),
-    Option("server.workers", 1, p_int(1, 1), "--workers",
-           help="worker processes (only 1 in this version)"),
+    Option("server.workers", 1, p_int(1, 64), "--workers",
+           help="worker processes sharing the socket; more than 1 adds a supervising parent"),
     Option("server.benchmark", False, p_bool, "--benchmark",
            help="skip metric updates; print a summary at exit"),
     Option("backend.provider", "mock", p_str, "--backend",
@@ -421,6 +421,7 @@ def load_config(flags: dict | None = None, env=None, path: str | None = None) ->
 # and API keys are never among them.
 
 logger = logging.getLogger("streamd")
+LOG_CONTEXT = {}  # fields on every line, e.g. {"worker": 2} in a pre-forked worker
 _LOGFMT_BARE = re.compile(r"^[^\s\"=\\]+$")
 
 
@@ -435,7 +436,7 @@ class LogfmtFormatter(logging.Formatter):
     def format(self, record):
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + ".%03dZ" % record.msecs
         parts = ["ts=" + ts, "level=" + record.levelname.lower(), "msg=" + _logfmt_value(record.getMessage())]
-        for k, v in getattr(record, "fields", {}).items():
+        for k, v in itertools.chain(LOG_CONTEXT.items(), getattr(record, "fields", {}).items()):
             parts.append("%s=%s" % (k, _logfmt_value(v)))
         if record.exc_info:
             parts.append("exc=" + _logfmt_value(self.formatException(record.exc_info)))
@@ -446,6 +447,7 @@ class JSONFormatter(logging.Formatter):
     def format(self, record):
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + ".%03dZ" % record.msecs
         obj = {"ts": ts, "level": record.levelname.lower(), "msg": record.getMessage()}
+        obj.update(LOG_CONTEXT)
         obj.update(getattr(record, "fields", {}))
         if record.exc_info:
             obj["exc"] = self.formatException(record.exc_info)
@@ -802,6 +804,7 @@ class TransitionError(StreamdError):
 
 
 LAG_PROBE_INTERVAL = 0.25
+REPORT_INTERVAL = 1.0  # how often a worker sends its metrics to the parent
 # How long a finished connection waits for the client's FIN before closing anyway.
 LINGER = 2.0
 _READ = selectors.EVENT_READ
@@ -1484,14 +1487,61 @@ class MetricsServer:
         self.sock.close()
 
 
-class Daemon:
-    """The event loop, the listener, and every connection."""
+class LoopBase:
+    """What every streamd loop has: a selector, timers, and signals that only
+    wake the loop (set_wakeup_fd on a socketpair); the loop then calls
+    handle_<name>.  Daemon (the streams) and Supervisor (--workers) build on it."""
 
-    def __init__(self, cfg: dict, clock=time.monotonic):
-        self.cfg = cfg
+    SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "term", signal.SIGHUP: "hup"}
+
+    def __init__(self, clock=time.monotonic):
         self.clock = clock
         self.selector = selectors.DefaultSelector()
         self.timers = Timers(clock)
+        self.stopping = False
+        self.exit_status = 0
+        self.wakeup_r = self.wakeup_w = None
+
+    def run(self) -> int:
+        while not self.stopping:
+            self.run_once()
+        self.close()
+        return self.exit_status
+
+    def install_signals(self) -> None:
+        self.wakeup_r, self.wakeup_w = socket.socketpair()
+        self.wakeup_r.setblocking(False)
+        self.wakeup_w.setblocking(False)
+        signal.set_wakeup_fd(self.wakeup_w.fileno(), warn_on_full_buffer=False)
+        for sig in self.SIGNALS:
+            signal.signal(sig, _ignore_signal)
+        self.selector.register(self.wakeup_r, _READ, self.on_signal)
+
+    def on_signal(self, sock, mask) -> None:
+        try:
+            data = sock.recv(512)
+        except (BlockingIOError, InterruptedError):
+            return
+        for signum in data:
+            name = self.SIGNALS.get(signum)
+            if name:
+                getattr(self, "handle_" + name)()
+
+    def close_signals(self) -> None:
+        if self.wakeup_r is not None:
+            signal.set_wakeup_fd(-1)
+            self.selector.unregister(self.wakeup_r)
+            self.wakeup_r.close()
+            self.wakeup_w.close()
+            self.wakeup_r = self.wakeup_w = None
+
+
+class Daemon(LoopBase):
+    """The event loop, the listener, and every connection."""
+
+    def __init__(self, cfg: dict, clock=time.monotonic):
+        super().__init__(clock)
+        self.cfg = cfg
         self.runnable = collections.deque()  # (conn, value, exception) to resume
         self.conns = {}                       # id -> Connection
         self.ids = itertools.count(1)
@@ -1501,10 +1551,8 @@ class Daemon:
         self.listener_owned = None  # (path, inode) when we created the socket file
         self.accept_paused = False
         self.draining = False
-        self.stopping = False
-        self.exit_status = 0
         self.t_drain = None
-        self.wakeup_r = self.wakeup_w = None
+        self.report_sock = None  # in a worker: where its metrics snapshots go
         self.max_connections = cfg["server.max_connections"]
         self.fd_limit = None
         self.backends = {}  # name -> loaded backend module
@@ -1517,12 +1565,6 @@ class Daemon:
         self.helpers = None  # HelperPool, made on the first "call"
 
     # -- the loop --
-
-    def run(self) -> int:
-        while not self.stopping:
-            self.run_once()
-        self.close()
-        return self.exit_status
 
     def run_once(self, max_wait: float | None = None) -> None:
         # 1. How long may select() sleep?
@@ -1549,40 +1591,14 @@ class Daemon:
 
     # -- the listener --
 
-    def open_listener(self) -> None:
-        """Bind the Unix socket (or take systemd's), SPEC §1."""
-        sock_type = socket.SOCK_SEQPACKET if self.cfg["server.socket_type"] == "seqpacket" else socket.SOCK_STREAM
-        inherited = systemd_listen_fds()
-        if inherited:
-            sock = socket.socket(fileno=inherited[0])
-            if sock.family != socket.AF_UNIX or sock.type != sock_type:
-                raise ConfigError("LISTEN_FDS: inherited socket is not an AF_UNIX %s socket"
-                                  % self.cfg["server.socket_type"])
-            log(logging.INFO, "using socket from systemd", fd=sock.fileno())
+    def open_listener(self, inherited=None) -> None:
+        """Bind the Unix socket (or use one from systemd or the parent), SPEC §1."""
+        if inherited is None:
+            self.listener, self.listener_owned = bind_listener(self.cfg)
         else:
-            path = self.cfg["server.socket_path"]
-            remove_stale_socket(path, sock_type)
-            sock = socket.socket(socket.AF_UNIX, sock_type)
-            try:
-                # bind() creates the file with the umask; restrict it before anyone can connect.
-                old = os.umask(0o777 & ~self.cfg["server.socket_mode"])
-                try:
-                    sock.bind(path)
-                finally:
-                    os.umask(old)
-                os.chmod(path, self.cfg["server.socket_mode"])
-                # A big backlog: Apache does not retry EAGAIN on a full queue, so a
-                # short one turns a burst of handoffs into failed requests.
-                sock.listen(4096)
-            except OSError as e:
-                sock.close()
-                raise ConfigError("server.socket_path: cannot listen on %r: %s" % (path, e.strerror)) from None
-            self.listener_owned = (path, os.stat(path).st_ino)
-            log(logging.DEBUG, "listening", socket=path, type=self.cfg["server.socket_type"],
-                mode="%04o" % self.cfg["server.socket_mode"])
-        sock.setblocking(False)
-        self.listener = sock
-        self.selector.register(sock, _READ, self.on_accept)
+            self.listener = inherited
+        self.listener.setblocking(False)
+        self.selector.register(self.listener, _READ, self.on_accept)
 
     def close_listener(self) -> None:
         if self.listener is None:
@@ -1591,15 +1607,8 @@ class Daemon:
             self.selector.unregister(self.listener)
         self.listener.close()
         self.listener = None
-        if self.listener_owned:
-            path, ino = self.listener_owned
-            try:
-                # Remove the file only if it is still ours (a successor may own it now).
-                if os.stat(path).st_ino == ino:
-                    os.unlink(path)
-            except OSError:
-                pass
-            self.listener_owned = None
+        unlink_owned(self.listener_owned)
+        self.listener_owned = None
 
     def on_accept(self, listener, mask) -> None:
         """Accept until EAGAIN.  On EMFILE/ENFILE stop accepting for a moment:
@@ -1647,6 +1656,15 @@ class Daemon:
 
     def snapshot(self) -> dict:
         return self.stats.snapshot(self.conns.values())
+
+    def report(self, _=None) -> None:
+        """In a worker: send our numbers to the parent, which serves /metrics."""
+        try:
+            self.report_sock.send(json.dumps(self.snapshot()).encode())
+        except OSError:
+            pass  # the parent is gone or busy; the next report will do
+        if not self.stopping and _ is not None:
+            self.timers.call_later(REPORT_INTERVAL, self.report, True)
 
     def health(self):
         s = self.stats
@@ -2068,26 +2086,7 @@ class Daemon:
             ttfb_ms=round((conn.first_byte_at - conn.started_at) * 1000, 2) if conn.first_byte_at else "",
             duration_ms=round((now - conn.accepted_at) * 1000, 2), outcome=conn.outcome or "unknown")
 
-    # -- signals (the handlers only wake the loop; see Signals & systemd) --
-
-    def install_signals(self) -> None:
-        self.wakeup_r, self.wakeup_w = socket.socketpair()
-        self.wakeup_r.setblocking(False)
-        self.wakeup_w.setblocking(False)
-        signal.set_wakeup_fd(self.wakeup_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, _ignore_signal)
-        self.selector.register(self.wakeup_r, _READ, self.on_signal)
-
-    def on_signal(self, sock, mask) -> None:
-        try:
-            data = sock.recv(512)
-        except (BlockingIOError, InterruptedError):
-            return
-        for signum in data:
-            name = {signal.SIGTERM: "term", signal.SIGINT: "term", signal.SIGHUP: "hup"}.get(signum)
-            if name:
-                getattr(self, "handle_" + name)()
+    # -- signals (the handlers only wake the loop: see LoopBase) --
 
     def handle_term(self) -> None:
         """First SIGTERM/SIGINT: drain.  Second: stop now."""
@@ -2175,12 +2174,280 @@ class Daemon:
         if self.helpers is not None:
             self.helpers.close()
             self.helpers = None
-        if self.wakeup_r is not None:
+        if self.report_sock is not None:
+            self.report()  # the final numbers, so the parent's totals are complete
+            self.report_sock.close()
+            self.report_sock = None
+        self.close_signals()
+        self.selector.close()
+
+
+def bind_listener(cfg: dict):
+    """The handoff socket: systemd's (LISTEN_FDS) or a new one at socket_path.
+    Returns (socket, (path, inode) if we created the file else None)."""
+    sock_type = socket.SOCK_SEQPACKET if cfg["server.socket_type"] == "seqpacket" else socket.SOCK_STREAM
+    inherited = systemd_listen_fds()
+    if inherited:
+        sock = socket.socket(fileno=inherited[0])
+        if sock.family != socket.AF_UNIX or sock.type != sock_type:
+            raise ConfigError("LISTEN_FDS: inherited socket is not an AF_UNIX %s socket" % cfg["server.socket_type"])
+        log(logging.INFO, "using socket from systemd", fd=sock.fileno())
+        return sock, None
+    path = cfg["server.socket_path"]
+    remove_stale_socket(path, sock_type)
+    sock = socket.socket(socket.AF_UNIX, sock_type)
+    try:
+        # bind() creates the file with the umask; restrict it before anyone can connect.
+        old = os.umask(0o777 & ~cfg["server.socket_mode"])
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, cfg["server.socket_mode"])
+        # A big backlog: Apache does not retry EAGAIN on a full queue, so a
+        # short one turns a burst of handoffs into failed requests.
+        sock.listen(4096)
+    except OSError as e:
+        sock.close()
+        raise ConfigError("server.socket_path: cannot listen on %r: %s" % (path, e.strerror)) from None
+    log(logging.DEBUG, "listening", socket=path, type=cfg["server.socket_type"], mode="%04o" % cfg["server.socket_mode"])
+    return sock, (path, os.stat(path).st_ino)
+
+
+def unlink_owned(owned) -> None:
+    """Remove the socket file we created, only if it is still ours (a
+    successor may have replaced it)."""
+    if owned:
+        path, ino = owned
+        try:
+            if os.stat(path).st_ino == ino:
+                os.unlink(path)
+        except OSError:
+            pass
+
+
+# ---- Workers (pre-fork) ----
+#
+# With --workers N the parent binds the socket (or takes systemd's), forks N
+# workers that each run the same single-threaded loop on it, and stays behind
+# as a supervisor: it restarts a worker that dies (with backoff), forwards
+# SIGTERM (drain) and SIGHUP (reload), and serves /metrics and /healthz with
+# the sum of what workers report every second.  This is how one host uses all
+# its cores, and goes past the per-process fd limit.  The parent runs no
+# streams and no threads, so forking it is safe.
+
+class Worker:
+    __slots__ = ("index", "pid", "report", "started", "failures", "snapshot", "t_restart")
+
+    def __init__(self, index):
+        self.index, self.pid, self.report, self.started = index, None, None, 0.0
+        self.failures, self.snapshot, self.t_restart = 0, None, None
+
+
+class Supervisor(LoopBase):
+    SIGNALS = {**LoopBase.SIGNALS, signal.SIGCHLD: "chld"}
+    STABLE = 10.0        # a worker that lived this long restarts at once; its failures reset
+    MAX_BACKOFF = 30.0
+
+    def __init__(self, cfg: dict, flags: dict, env: dict):
+        super().__init__()
+        self.cfg, self.flags, self.env = cfg, flags, env
+        self.workers = [Worker(i) for i in range(cfg["server.workers"])]
+        self.retired = Stats().snapshot()  # counters of workers that exited
+        self.peak = 0
+        self.listener = self.owned = None
+        self.metrics = None
+        self.draining = False
+        self.t_kill = None
+
+    def start(self) -> None:
+        self.listener, self.owned = bind_listener(self.cfg)
+        addr = self.cfg["metrics.listen_addr"]
+        if addr:
+            backends = [self.cfg["backend.provider"]] + list(self.cfg["backend.enabled"])
+            self.metrics = MetricsServer(self, addr, metrics_registry(self.snapshot, backends), self.health)
+            log(logging.INFO, "metrics", addr="%s:%d" % self.metrics.addr[:2], workers=len(self.workers))
+        self.install_signals()
+        for w in self.workers:
+            self.spawn(w)
+
+    def spawn(self, w: Worker) -> None:
+        w.t_restart = None
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # Block our signals across fork(): a SIGHUP or SIGTERM that reaches the
+        # new worker before it has installed its handlers stays pending, and is
+        # handled once it has, instead of killing it (the default action).
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(self.SIGNALS))
+        pid = os.fork()
+        if pid == 0:  # the worker
+            parent_end.close()
+            os._exit(self.worker_main(w, child_end, old_mask))
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        child_end.close()
+        parent_end.setblocking(False)
+        w.pid, w.report, w.started, w.snapshot = pid, parent_end, self.clock(), None
+        self.selector.register(parent_end, _READ, self.on_report)
+        log(logging.INFO, "worker started", worker=w.index, pid=pid)
+
+    def worker_main(self, w: Worker, report_sock, old_mask) -> int:
+        """In the child: drop the parent's loop (without touching its epoll
+        registrations, which the parent still uses) and run a Daemon."""
+        status = 1
+        try:
             signal.set_wakeup_fd(-1)
-            self.selector.unregister(self.wakeup_r)
+            for sig in self.SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
+            for other in self.workers:
+                if other.report is not None:
+                    other.report.close()
+            if self.metrics is not None:
+                self.metrics.sock.close()
             self.wakeup_r.close()
             self.wakeup_w.close()
-            self.wakeup_r = self.wakeup_w = None
+            os.close(self.selector.fileno())
+            LOG_CONTEXT["worker"] = w.index
+            daemon = Daemon(self.cfg)
+            daemon.flags, daemon.env = self.flags, self.env
+            daemon.fd_limit = raise_fd_limit()
+            daemon.max_connections = cap_connections(self.cfg["server.max_connections"], daemon.fd_limit)
+            daemon.open_listener(self.listener)
+            daemon.report_sock = report_sock
+            daemon.install_signals()
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)  # pending signals arrive now
+            daemon.probe_lag()
+            daemon.report(True)
+            log(logging.INFO, "worker ready", pid=os.getpid(), max_connections=daemon.max_connections)
+            status = daemon.run()
+        except BaseException:
+            log(logging.CRITICAL, "worker crashed: this is a bug in streamd", worker=w.index, exc_info=True)
+        finally:
+            logging.shutdown()
+        return status
+
+    def run_once(self, max_wait=None) -> None:
+        deadline = self.timers.next_deadline()
+        timeout = None if deadline is None else max(0.0, deadline - self.clock())
+        for key, mask in self.selector.select(timeout):
+            key.data(key.fileobj, mask)
+        self.timers.run_due(self.clock())
+
+    def on_report(self, sock, mask) -> None:
+        w = next((w for w in self.workers if w.report is sock), None)
+        while True:
+            try:
+                data = sock.recv(1 << 20)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:  # the worker is exiting; SIGCHLD does the rest
+                self.selector.unregister(sock)
+                return
+            if w is not None:
+                w.snapshot = json.loads(data)
+
+    def snapshot(self) -> dict:
+        snaps = [self.retired] + [w.snapshot for w in self.workers if w.snapshot]
+        merged = merge_snapshots(snaps)
+        self.peak = max(self.peak, merged["gauges"]["active_streams"], merged["gauges"]["peak_streams"])
+        merged["gauges"]["peak_streams"] = self.peak
+        return merged
+
+    def health(self):
+        g = self.snapshot()["gauges"]
+        alive = sum(1 for w in self.workers if w.pid)
+        ok = alive and not self.draining
+        return (200 if ok else 503, {"status": "ok" if ok else ("draining" if self.draining else "down"),
+                                     "active_streams": g["active_streams"],
+                                     "active_connections": g["active_connections"], "workers": alive})
+
+    def handle_chld(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            w = next((w for w in self.workers if w.pid == pid), None)
+            if w is not None:
+                self.reaped(w, status)
+        if self.draining and not any(w.pid for w in self.workers):
+            self.stopping = True
+
+    def reaped(self, w: Worker, status: int) -> None:
+        code = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status
+        if w.snapshot:
+            snap = w.snapshot
+            snap["gauges"] = {k: 0 for k in snap["gauges"]}  # a dead worker has nothing in flight
+            self.retired = merge_snapshots([self.retired, snap])
+        if w.report is not None:
+            try:
+                self.selector.unregister(w.report)
+            except KeyError:
+                pass
+            w.report.close()
+        lived = self.clock() - w.started
+        w.pid = w.report = w.snapshot = None
+        if self.draining:
+            log(logging.INFO, "worker exited", worker=w.index, status=code)
+            return
+        w.failures = 0 if lived >= self.STABLE else w.failures + 1
+        delay = 0.0 if not w.failures else min(self.MAX_BACKOFF, 0.5 * 2 ** (w.failures - 1))
+        log(logging.WARNING, "worker died; restarting", worker=w.index, status=code,
+            lived_s=round(lived, 1), restart_in_s=delay)
+        w.t_restart = self.timers.call_later(delay, self.spawn, w)
+
+    def handle_term(self) -> None:
+        if self.draining:
+            log(logging.WARNING, "second signal: stopping workers now")
+            self.signal_workers(signal.SIGTERM)  # a worker's second signal stops it at once
+            return
+        self.draining = True
+        for w in self.workers:
+            self.timers.cancel(w.t_restart)
+        # Stop taking handoffs: close and remove the socket; workers drain.
+        self.listener.close()
+        unlink_owned(self.owned)
+        self.owned = None
+        sd_notify("STOPPING=1")
+        log(logging.INFO, "draining workers", workers=sum(1 for w in self.workers if w.pid))
+        self.signal_workers(signal.SIGTERM)
+        # Workers end on their own within shutdown_timeout (+ a moment to flush).
+        self.t_kill = self.timers.call_later(self.cfg["server.shutdown_timeout"] + 10, self.kill_workers)
+        if not any(w.pid for w in self.workers):
+            self.stopping = True
+
+    def kill_workers(self, _=None) -> None:
+        log(logging.ERROR, "workers did not stop in time; killing them")
+        self.signal_workers(signal.SIGKILL)
+
+    def handle_hup(self) -> None:
+        path = self.cfg.get("config_path")
+        if path:
+            try:
+                new = load_config(self.flags, self.env, path)
+            except ConfigError as e:
+                log(logging.ERROR, "reload failed; keeping the current config", error=str(e))
+                return
+            setup_logging(new["logging.level"], new["logging.format"])
+        log(logging.INFO, "SIGHUP: reloading workers", workers=sum(1 for w in self.workers if w.pid))
+        self.signal_workers(signal.SIGHUP)
+
+    def signal_workers(self, sig) -> None:
+        for w in self.workers:
+            if w.pid:
+                try:
+                    os.kill(w.pid, sig)
+                except ProcessLookupError:
+                    pass
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        self.listener.close()
+        unlink_owned(self.owned)
+        self.close_signals()
         self.selector.close()
 
 
@@ -2557,6 +2824,33 @@ def build_arg_parser():
     return p
 
 
+def supervise(cfg: dict, flags: dict, env: dict) -> int:
+    for name in [cfg["backend.provider"]] + cfg["backend.enabled"]:
+        try:
+            load_backend(name)  # a missing module is a start error, not N crashing workers
+        except ConfigError as e:
+            print("streamd: %s" % e, file=sys.stderr)
+            return 2
+    sup = Supervisor(cfg, flags, env)
+    try:
+        sup.start()
+    except ConfigError as e:
+        print("streamd: %s" % e, file=sys.stderr)
+        return 2
+    interval = watchdog_interval()
+    if interval:
+        def pet(_=None):
+            sd_notify("WATCHDOG=1")
+            sup.timers.call_later(interval, pet)
+        pet()
+    sd_notify("READY=1")
+    log(logging.INFO, "ready", version=__version__, workers=len(sup.workers), backend=cfg["backend.provider"],
+        pid=os.getpid())
+    status = sup.run()
+    log(logging.INFO, "stopped", workers=len(sup.workers))
+    return status
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "send":
@@ -2574,6 +2868,8 @@ def main(argv=None) -> int:
         print("streamd: %s" % e, file=sys.stderr)
         return 2
     setup_logging(cfg["logging.level"], cfg["logging.format"])
+    if cfg["server.workers"] > 1:
+        return supervise(cfg, args, env)
     daemon = Daemon(cfg)
     daemon.flags, daemon.env = args, env
     try:
