@@ -114,3 +114,18 @@ def test_sighup_reaches_every_worker(daemon_proc, tmp_path):
     d.signal(signal.SIGHUP)
     d.wait_log('changed=backend.mock.message_delay', count=2)
     assert "SIGHUP: reloading workers" in d.logs()
+
+
+def test_workers_exit_when_the_supervisor_is_killed(daemon_proc):
+    d, port = start(daemon_proc, "--message-delay", "1ms")
+    pids = list(worker_pids(d).values())
+    d.proc.kill()
+    d.proc.wait()
+    def gone(pid):
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has exited
+        except FileNotFoundError:
+            return True
+    for pid in pids:
+        wait_for(lambda: gone(pid))
