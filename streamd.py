@@ -31,6 +31,7 @@ import importlib
 import itertools
 import json
 import logging
+import operator
 import os
 import re
 import selectors
@@ -702,57 +703,118 @@ SSE_PING = b": ping\n\n"
 # is dropped when it reaches the top (lazy cancellation, as in asyncio and trio),
 # and the heap is rebuilt when more than half of it is dead.  The clock is
 # injectable, so tests move time forward instead of sleeping.
+#
+# One shortcut: timers set with call_later() for the same delay are due in the
+# order they were set (the clock only moves forward), so each such "delay
+# class" is a FIFO: append and popleft instead of heap pushes and pops.  With
+# thousands of mock streams all sleeping message_delay, that is one queue.  Up
+# to MAX_FIFOS classes; other delays use the heap.
 
 class Timer:
-    __slots__ = ("when", "fn", "arg", "cancelled")
+    __slots__ = ("when", "fn", "arg", "cancelled", "fifo")
 
-    def __init__(self, when, fn, arg):
-        self.when, self.fn, self.arg, self.cancelled = when, fn, arg, False
+    def __init__(self, when, fn, arg, fifo):
+        # fifo: the delay class this timer queues in, or None for the heap
+        self.when, self.fn, self.arg, self.cancelled, self.fifo = when, fn, arg, False, fifo
+
+
+_when = operator.attrgetter("when")
 
 
 class Timers:
+    MAX_FIFOS = 8
+
     def __init__(self, clock=time.monotonic):
         self.clock = clock
         self._heap = []
+        self._fifos = {}  # delay -> deque of Timers, deadlines in order
+        self._fifo_dead = collections.Counter()  # cancelled timers still queued, per class
         self._seq = itertools.count()
         self._dead = 0
         self.max_lag = 0.0
 
     def __len__(self):
-        return len(self._heap) - self._dead
+        return len(self._heap) - self._dead + sum(1 for q in self._fifos.values() for t in q if not t.cancelled)
 
     def call_at(self, when: float, fn, arg=None) -> Timer:
-        t = Timer(when, fn, arg)
+        t = Timer(when, fn, arg, None)
         heapq.heappush(self._heap, (when, next(self._seq), t))
         return t
 
     def call_later(self, delay: float, fn, arg=None) -> Timer:
-        return self.call_at(self.clock() + delay, fn, arg)
+        q = self._fifos.get(delay)
+        if q is None:
+            if len(self._fifos) >= self.MAX_FIFOS:
+                return self.call_at(self.clock() + delay, fn, arg)
+            q = self._fifos[delay] = collections.deque()
+        t = Timer(self.clock() + delay, fn, arg, delay)
+        q.append(t)
+        return t
 
     def cancel(self, t: Timer | None) -> None:
-        if t is not None and not t.cancelled:
-            t.cancelled = True
+        if t is None or t.cancelled:
+            return
+        t.cancelled = True
+        # Dead entries wait for their deadline; rebuild when they are the
+        # majority (a 300 s timer cancelled after 1 s would otherwise linger).
+        if t.fifo is None:
             self._dead += 1
             if self._dead > 256 and self._dead * 2 > len(self._heap):
                 self._heap = [e for e in self._heap if not e[2].cancelled]
                 heapq.heapify(self._heap)
                 self._dead = 0
+        else:
+            q = self._fifos.get(t.fifo)
+            if q is None:
+                return
+            self._fifo_dead[t.fifo] += 1
+            if self._fifo_dead[t.fifo] > 256 and self._fifo_dead[t.fifo] * 2 > len(q):
+                self._fifos[t.fifo] = collections.deque(x for x in q if not x.cancelled)
+                self._fifo_dead[t.fifo] = 0
 
     def next_deadline(self) -> float | None:
         heap = self._heap
         while heap and heap[0][2].cancelled:
             heapq.heappop(heap)
             self._dead -= 1
-        return heap[0][0] if heap else None
+        best = heap[0][0] if heap else None
+        for delay, q in list(self._fifos.items()):
+            while q and q[0].cancelled:
+                q.popleft()
+                self._fifo_dead[delay] -= 1
+            if not q:
+                del self._fifos[delay]  # an idle class frees its slot
+                self._fifo_dead.pop(delay, None)
+            elif best is None or q[0].when < best:
+                best = q[0].when
+        return best
 
     def run_due(self, now: float, slack: float = 0.0) -> None:
-        """Call every timer due by `now` (+ `slack`), in deadline order."""
-        heap = self._heap
+        """Call every timer due by `now` (+ `slack`), in deadline order.  Timers
+        that callbacks set fire in a later pass, so zero delays cannot spin."""
         until = now + slack
+        due = []
+        heap = self._heap
         while heap and heap[0][0] <= until:
             t = heapq.heappop(heap)[2]
             if t.cancelled:
                 self._dead -= 1
+            else:
+                due.append(t)
+        sources = 1 if due else 0
+        for delay, q in self._fifos.items():
+            if q and q[0].when <= until:
+                sources += 1
+                while q and q[0].when <= until:
+                    t = q.popleft()
+                    if t.cancelled:
+                        self._fifo_dead[delay] -= 1
+                    else:
+                        due.append(t)
+        if sources > 1:
+            due.sort(key=_when)
+        for t in due:
+            if t.cancelled:  # cancelled by a callback earlier in this pass
                 continue
             t.cancelled = True  # fired: a later cancel() is a no-op
             lag = now - t.when  # negative when fired early, within the slack
@@ -820,7 +882,8 @@ class Connection:
     __slots__ = ("daemon", "id", "state", "sock", "mask", "out", "t_life", "t_write",
                  "t_backend", "t_heartbeat", "last_progress", "last_send", "accepted_at",
                  "started_at", "first_byte_at", "req", "backend_name", "gen", "cfg", "parked",
-                 "waiting", "status", "bytes", "chunks", "outcome", "has_client", "backend_error", "corked", "unix_buf",
+                 "waiting", "status", "bytes", "chunks", "outcome", "has_client", "backend_error", "corked", "paced",
+                 "unix_buf",
                  "unix_fds")
 
     def __init__(self, daemon, unix_sock, cid):
@@ -837,6 +900,7 @@ class Connection:
         self.req = self.backend_name = self.gen = self.cfg = self.waiting = None
         self.parked = False
         self.corked = False  # True while its backend runs: writes are collected
+        self.paced = None    # (events, next index, delay) during a ("paced", …) operation
         self.status = None
         self.bytes = self.chunks = 0
         self.outcome = None
@@ -1004,7 +1068,12 @@ class Connection:
     def arm_heartbeat(self) -> None:
         interval = self.cfg_limit("server.heartbeat_interval")
         if interval and self.state is State.STREAMING:
-            self.t_heartbeat = self.daemon.timers.call_at(self.last_send + interval, Connection.heartbeat, self)
+            timers = self.daemon.timers
+            if self.last_send >= timers.clock():
+                # just sent: the common case, a uniform delay (a FIFO class)
+                self.t_heartbeat = timers.call_later(interval, Connection.heartbeat, self)
+            else:
+                self.t_heartbeat = timers.call_at(self.last_send + interval, Connection.heartbeat, self)
 
     def heartbeat(self) -> None:
         self.t_heartbeat = None
@@ -1098,6 +1167,10 @@ class Connection:
 #   ("event", dict | bytes)             send one SSE event (a dict is JSON-encoded;
 #                                       bytes are a pre-rendered `data: …\n\n`)
 #   ("raw", bytes)                      send bytes verbatim (already SSE-framed)
+#   ("paced", [bytes, …], delay)        send these pre-rendered events one by one,
+#                                       `delay` apart (the first after `delay`),
+#                                       then resume: the loop does it without
+#                                       resuming the generator for each event
 #   ("head",)                           send the 200 head now (else: at the first event)
 #   ("readable", sock, timeout|None)    resume when sock is readable
 #   ("writable", sock, timeout|None)    resume when sock is writable
@@ -1594,7 +1667,7 @@ class Daemon(LoopBase):
         self.ops = {
             "sleep": self._op_sleep, "event": self._op_event, "raw": self._op_raw,
             "head": self._op_head, "readable": self._op_readable, "writable": self._op_writable,
-            "call": self._op_call,
+            "call": self._op_call, "paced": self._op_paced,
         }
         self.helpers = None  # HelperPool, made on the first "call"
 
@@ -1671,8 +1744,8 @@ class Daemon(LoopBase):
             if conn.state is State.RECEIVING:
                 self.selector.register(sock, _READ, conn.on_unix_readable)
                 conn.mask = _READ
-                conn.t_life = self.timers.call_at(conn.accepted_at + self.cfg["server.handoff_timeout"],
-                                                  Daemon.handoff_timeout, conn)
+                conn.t_life = self.timers.call_later(self.cfg["server.handoff_timeout"],
+                                                     Daemon.handoff_timeout, conn)
 
     def pause_accepting(self, exc: OSError) -> None:
         log(logging.WARNING, "accept paused: out of file descriptors", error=exc.strerror,
@@ -1867,7 +1940,7 @@ class Daemon(LoopBase):
             self.stats.peak_streams = self.stats.active_streams
         limit = self.cfg["server.max_stream_duration"]
         if limit:
-            conn.t_life = self.timers.call_at(conn.started_at + limit, Daemon.stream_expired, conn)
+            conn.t_life = self.timers.call_later(limit, Daemon.stream_expired, conn)
         try:
             conn.gen = self.backend(conn.backend_name).run(conn.req, self.cfg)
         except Exception as e:
@@ -1884,36 +1957,33 @@ class Daemon(LoopBase):
                 status=504, kind="timeout", reason="timeout"))
 
     def step(self, conn: Connection, value, exc) -> None:
-        """Run a backend until it waits, its writes corked into one send."""
-        conn.corked = True
-        try:
-            self._step(conn, value, exc)
-        finally:
-            conn.uncork()
-
-    def _step(self, conn: Connection, value, exc) -> None:
+        """Run a backend until it waits.  Its writes are corked meanwhile and
+        sent in one syscall at the end (uncork)."""
         gen = conn.gen
         ops = self.ops
+        conn.corked = True
         for _ in range(STEP_BUDGET):
             try:
                 op = gen.throw(exc) if exc is not None else gen.send(value)
             except StopIteration as stop:
                 self.backend_finished(conn, stop.value)
-                return
+                break
             except Exception as e:
                 self.backend_failed(conn, e)
-                return
+                break
             exc = None
             try:
                 handler = ops[op[0]]
             except (KeyError, TypeError, IndexError):
                 self.backend_failed(conn, BackendError("backend yielded an unknown operation %r" % (op,),
                                                        status=500, kind="internal_error", reason="other"))
-                return
+                break
             value = handler(conn, op)
             if value is PARK:
-                return
-        self.runnable.append((conn, value, None))
+                break
+        else:
+            self.runnable.append((conn, value, None))
+        conn.uncork()
 
     def _op_sleep(self, conn, op):
         conn.t_backend = self.timers.call_later(op[1], self.resume, conn)
@@ -1952,8 +2022,44 @@ class Daemon(LoopBase):
 
     def unpark(self, conn: Connection) -> None:
         conn.parked = False
-        if conn.gen is not None:
+        if conn.gen is None:
+            return
+        if conn.paced is not None:  # in a paced run: carry on with the next event
+            conn.t_backend = self.timers.call_later(conn.paced[2], self.paced_tick, conn)
+        else:
             self.runnable.append((conn, None, None))
+
+    def _op_paced(self, conn, op):
+        _, events, delay = op
+        if not events:
+            return None
+        conn.paced = (events, 0, delay)
+        conn.t_backend = self.timers.call_later(delay, self.paced_tick, conn)
+        return PARK
+
+    def paced_tick(self, conn) -> None:
+        """One event of a ("paced", events, delay) run: a timer and a send,
+        with no trip through the backend's generator."""
+        conn.t_backend = None
+        if conn.gen is None:
+            return
+        events, i, delay = conn.paced
+        if conn.state is State.STARTING:
+            conn.send_head()
+        conn.chunks += 1
+        conn.write(events[i])
+        if conn.state is not State.STREAMING:
+            return  # the client is gone (write failed)
+        i += 1
+        if i == len(events):
+            conn.paced = None
+            self.runnable.append((conn, None, None))
+        else:
+            conn.paced = (events, i, delay)
+            if len(conn.out) > conn.cfg["server.write_high_water"]:
+                conn.parked = True  # unpark() carries on
+            else:
+                conn.t_backend = self.timers.call_later(delay, self.paced_tick, conn)
 
     def _op_readable(self, conn, op):
         return self.wait_io(conn, op, _READ)
@@ -2033,6 +2139,7 @@ class Daemon(LoopBase):
             # Unregister before the generator closes the socket in its finally.
             self.selector.unregister(conn.waiting)
             conn.waiting = None
+        conn.paced = None
         gen, conn.gen = conn.gen, None
         if gen is not None:
             try:
@@ -2622,6 +2729,7 @@ _MOCK_LINES = [
 ] + ["This is message %d of %d." % (i, MOCK_EVENTS) for i in range(13, MOCK_EVENTS + 1)]
 # Pre-rendered once: the fixed events are the same bytes for every stream.
 _MOCK_FIXED = [sse_event({"content": line}) for line in _MOCK_LINES]
+_MOCK_WORDS = sum(len(line.split()) for line in _MOCK_LINES) + 6
 
 
 def cut_text(text: str, limit: int) -> str:
@@ -2641,11 +2749,15 @@ class MockBackend:
         yield ("event", {"content": "Hello from streamd! Prompt: " + cut_text(prompt, 50)})
         yield ("sleep", delay)
         yield ("event", {"content": "User ID: %s" % user})
-        for event in _MOCK_FIXED:
-            yield ("sleep", delay)
-            yield ("event", event)
-        words = sum(len(line.split()) for line in _MOCK_LINES) + 6 + len(prompt.split())
+        # The other 16 lines are the same for every stream, rendered once.  This
+        # one operation does what this loop would, but the loop sends them
+        # without resuming this generator for each (it is the hot path):
+        #     for event in _MOCK_FIXED:
+        #         yield ("sleep", delay)
+        #         yield ("event", event)
+        yield ("paced", _MOCK_FIXED, delay)
         prompt_tokens = len(prompt.split())
+        words = _MOCK_WORDS + prompt_tokens  # a stand-in for a tokenizer: words
         return {"finish_reason": "stop", "usage": {"prompt_tokens": prompt_tokens,
                 "completion_tokens": words, "total_tokens": prompt_tokens + words}}
 
