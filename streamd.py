@@ -31,6 +31,7 @@ import importlib
 import itertools
 import json
 import logging
+import math
 import operator
 import os
 import re
@@ -427,15 +428,28 @@ _LOGFMT_BARE = re.compile(r"^[^\s\"=\\]+$")
 
 
 def _logfmt_value(v) -> str:
+    if type(v) is int:
+        return str(v)  # the common case: no quoting needed
     s = v if isinstance(v, str) else repr(v) if isinstance(v, float) else str(v)
     if s and _LOGFMT_BARE.match(s):
         return s
     return json.dumps(s, ensure_ascii=False)
 
 
+_ts_cache = [None, ""]
+
+
+def _timestamp(created: float) -> str:
+    """RFC 3339 UTC with milliseconds; the seconds part is formatted once per second."""
+    sec = int(created)
+    if _ts_cache[0] != sec:
+        _ts_cache[0], _ts_cache[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return "%s.%03dZ" % (_ts_cache[1], (created - sec) * 1000)
+
+
 class LogfmtFormatter(logging.Formatter):
     def format(self, record):
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + ".%03dZ" % record.msecs
+        ts = _timestamp(record.created)
         parts = ["ts=" + ts, "level=" + record.levelname.lower(), "msg=" + _logfmt_value(record.getMessage())]
         for k, v in itertools.chain(LOG_CONTEXT.items(), getattr(record, "fields", {}).items()):
             parts.append("%s=%s" % (k, _logfmt_value(v)))
@@ -446,7 +460,7 @@ class LogfmtFormatter(logging.Formatter):
 
 class JSONFormatter(logging.Formatter):
     def format(self, record):
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + ".%03dZ" % record.msecs
+        ts = _timestamp(record.created)
         obj = {"ts": ts, "level": record.levelname.lower(), "msg": record.getMessage()}
         obj.update(LOG_CONTEXT)
         obj.update(getattr(record, "fields", {}))
@@ -456,6 +470,8 @@ class JSONFormatter(logging.Formatter):
 
 
 def setup_logging(level: str, fmt: str, stream=None) -> None:
+    # We print none of these, so do not look them up for every record.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JSONFormatter() if fmt == "json" else LogfmtFormatter())
     logger.handlers[:] = [handler]
@@ -465,7 +481,12 @@ def setup_logging(level: str, fmt: str, stream=None) -> None:
 
 def log(level: int, msg: str, exc_info=None, **fields) -> None:
     if logger.isEnabledFor(level):
-        logger.log(level, msg, exc_info=exc_info, extra={"fields": fields})
+        # makeRecord directly: Logger.log would walk the stack to find the
+        # caller's file and line, which we never print (and which costs more
+        # than formatting the whole line).
+        if exc_info is True:
+            exc_info = sys.exc_info()
+        logger.handle(logger.makeRecord("streamd", level, "", 0, msg, (), exc_info, extra={"fields": fields}))
 
 
 # ---- Wire protocol ----
@@ -498,10 +519,11 @@ class Request:
                  "langgraph_input", "stream_mode")
 
     def __init__(self):
-        for name in self.__slots__:
-            setattr(self, name, None)
-        self.response_headers = ()
-        self.dropped_headers = ()
+        self.prompt = self.messages = self.system = self.model = self.max_tokens = None
+        self.temperature = self.top_p = self.user_id = self.request_id = self.backend = None
+        self.test_pattern = self.thread_id = self.assistant_id = None
+        self.langgraph_input = self.stream_mode = None
+        self.response_headers = self.dropped_headers = ()
         self.include_usage = False
 
     def conversation(self) -> list:
@@ -722,7 +744,7 @@ _when = operator.attrgetter("when")
 
 
 class Timers:
-    MAX_FIFOS = 8
+    MAX_FIFOS = 32
 
     def __init__(self, clock=time.monotonic):
         self.clock = clock
@@ -869,6 +891,7 @@ class TransitionError(StreamdError):
 LAG_PROBE_INTERVAL = 0.25
 TIMER_SLACK = 0.001  # timers due this soon fire in the current pass
 REPORT_INTERVAL = 1.0  # how often a worker sends its metrics to the parent
+ACCEPT_BATCH = 64      # handoffs a worker accepts per wakeup (one process: until EAGAIN)
 # How long a finished connection waits for the client's FIN before closing anyway.
 LINGER = 2.0
 _READ = selectors.EVENT_READ
@@ -881,9 +904,9 @@ class Connection:
 
     __slots__ = ("daemon", "id", "state", "sock", "mask", "out", "t_life", "t_write",
                  "t_backend", "t_heartbeat", "last_progress", "last_send", "accepted_at",
-                 "started_at", "first_byte_at", "req", "backend_name", "gen", "cfg", "parked",
+                 "started_at", "first_byte_at", "req", "backend_name", "gen", "parked",
                  "waiting", "status", "bytes", "chunks", "outcome", "has_client", "backend_error", "corked", "paced",
-                 "unix_buf",
+                 "paced_i", "paced_delay", "unix_buf",
                  "unix_fds")
 
     def __init__(self, daemon, unix_sock, cid):
@@ -892,15 +915,19 @@ class Connection:
         self.state = State.RECEIVING
         self.sock = unix_sock
         self.mask = 0
-        self.out = bytearray()
+        # Unsent bytes.  Empty: the shared b"" (most connections, most of the
+        # time: one less object each); a bytearray only while bytes wait.
+        self.out = b""
         self.t_life = self.t_write = self.t_backend = self.t_heartbeat = None
         self.accepted_at = daemon.clock()
         self.last_progress = self.last_send = self.accepted_at
         self.started_at = self.first_byte_at = None
-        self.req = self.backend_name = self.gen = self.cfg = self.waiting = None
+        self.req = self.backend_name = self.gen = self.waiting = None
         self.parked = False
         self.corked = False  # True while its backend runs: writes are collected
-        self.paced = None    # (events, next index, delay) during a ("paced", …) operation
+        self.paced = None    # the events of a ("paced", events, delay) operation, and
+        self.paced_i = 0     # the index of the next one to send, and
+        self.paced_delay = 0.0  # the pause between them
         self.status = None
         self.bytes = self.chunks = 0
         self.outcome = None
@@ -949,17 +976,20 @@ class Connection:
             if n == len(data):
                 return
             self.last_progress = now
-            self.out += memoryview(data)[n:]
+            self.out = bytearray(memoryview(data)[n:])
             self.update_interest()
             self.arm_write_timer()
         else:
+            if type(self.out) is bytes:
+                self.out = bytearray(self.out)
             self.out += data
             self.last_send = self.daemon.clock()
         if len(self.out) > self.cfg_limit("server.write_buffer_limit"):
             self.drop("slow_client", "write buffer over %d bytes" % self.cfg_limit("server.write_buffer_limit"))
 
     def cfg_limit(self, key):
-        return (self.cfg or self.daemon.cfg)[key]
+        # The daemon's current config: limits and timeouts follow a SIGHUP at once.
+        return self.daemon.cfg[key]
 
     def uncork(self) -> None:
         """End of a backend step: send what it wrote in one syscall (the head
@@ -980,11 +1010,11 @@ class Connection:
         self.bytes += n
         self.last_send = now
         if n == len(self.out):
-            self.out.clear()
+            self.out = b""
             if self.state is State.FLUSHING:
                 self.shutdown_write()
             return
-        del self.out[:n]
+        self.out = bytearray(memoryview(self.out)[n:])
         self.last_progress = now
         self.update_interest()
         self.arm_write_timer()
@@ -999,7 +1029,12 @@ class Connection:
             self.client_gone(e)
             return
         if n:
-            del self.out[:n]
+            if n == len(self.out):
+                self.out = b""
+            else:
+                if type(self.out) is bytes:
+                    self.out = bytearray(self.out)
+                del self.out[:n]
             self.bytes += n
             self.last_progress = self.daemon.clock()
         if self.out:
@@ -1063,17 +1098,19 @@ class Connection:
         self.transition("head")
         self.status = 200
         self.write(response_head(self.req.response_headers))
+        self.last_send = self.daemon.clock()  # (a corked write counts as sent now)
         self.arm_heartbeat()
 
     def arm_heartbeat(self) -> None:
         interval = self.cfg_limit("server.heartbeat_interval")
         if interval and self.state is State.STREAMING:
             timers = self.daemon.timers
-            if self.last_send >= timers.clock():
-                # just sent: the common case, a uniform delay (a FIFO class)
-                self.t_heartbeat = timers.call_later(interval, Connection.heartbeat, self)
-            else:
-                self.t_heartbeat = timers.call_at(self.last_send + interval, Connection.heartbeat, self)
+            remaining = self.last_send + interval - timers.clock()
+            # Whole seconds (rounded up): a handful of delay classes shared by
+            # every stream, instead of a heap entry each; a ping may come up to
+            # a second after the interval, which is all a keepalive needs.
+            delay = math.ceil(remaining) if remaining >= 1 else max(remaining, 0.0)
+            self.t_heartbeat = timers.call_later(delay, Connection.heartbeat, self)
 
     def heartbeat(self) -> None:
         self.t_heartbeat = None
@@ -1650,7 +1687,7 @@ class Daemon(LoopBase):
         super().__init__(clock)
         self.cfg = cfg
         self.runnable = collections.deque()  # (conn, value, exception) to resume
-        self.conns = {}                       # id -> Connection
+        self.conns = set()                    # every open Connection
         self.ids = itertools.count(1)
         self.stats = Stats(histograms=not cfg["server.benchmark"])
         self.metrics = None  # MetricsServer, when metrics.listen_addr is set
@@ -1660,6 +1697,9 @@ class Daemon(LoopBase):
         self.draining = False
         self.t_drain = None
         self.report_sock = None  # in a worker: where its metrics snapshots go
+        # Alone, accept until EAGAIN.  As one of several workers woken for the
+        # same socket, take a few per wakeup so that a burst is shared out.
+        self.accept_batch = -1
         self.max_connections = cfg["server.max_connections"]
         self.fd_limit = None
         self.backends = {}  # name -> loaded backend module
@@ -1723,7 +1763,9 @@ class Daemon(LoopBase):
         """Accept until EAGAIN.  On EMFILE/ENFILE stop accepting for a moment:
         the pending connection stays in the backlog and would wake us again at
         once, so retrying immediately would spin the loop at 100% CPU."""
-        while self.listener is not None:
+        budget = self.accept_batch
+        while self.listener is not None and budget:
+            budget -= 1
             try:
                 sock, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -1737,7 +1779,7 @@ class Daemon(LoopBase):
                 raise
             sock.setblocking(False)
             conn = Connection(self, sock, next(self.ids))
-            self.conns[conn.id] = conn
+            self.conns.add(conn)
             # Apache sends its message right after connecting: try to read it now
             # and save a trip through select() for every handoff.
             self.receive(conn)
@@ -1764,7 +1806,7 @@ class Daemon(LoopBase):
         self.timers.call_at(now + LAG_PROBE_INTERVAL, self.probe_lag, now + LAG_PROBE_INTERVAL)
 
     def snapshot(self) -> dict:
-        return self.stats.snapshot(self.conns.values())
+        return self.stats.snapshot(self.conns)
 
     def on_parent_gone(self, sock, mask) -> None:
         try:
@@ -1876,7 +1918,6 @@ class Daemon(LoopBase):
             return
         conn.sock = client
         conn.has_client = True
-        conn.cfg = self.cfg
         if self.stats.histograms:
             self.stats.handoff_duration.observe(self.clock() - conn.accepted_at)
         self.stats.handoffs += 1
@@ -1953,7 +1994,7 @@ class Daemon(LoopBase):
         conn.t_life = None
         if conn.state in (State.STARTING, State.STREAMING):
             conn.daemon.backend_failed(conn, BackendError(
-                "stream exceeded max_stream_duration (%gs)" % conn.cfg["server.max_stream_duration"],
+                "stream exceeded max_stream_duration (%gs)" % conn.daemon.cfg["server.max_stream_duration"],
                 status=504, kind="timeout", reason="timeout"))
 
     def step(self, conn: Connection, value, exc) -> None:
@@ -2013,7 +2054,7 @@ class Daemon(LoopBase):
         conn.write(data)
         if conn.state is not State.STREAMING:
             return PARK  # the write failed and the connection is gone
-        if len(conn.out) > conn.cfg["server.write_high_water"]:
+        if len(conn.out) > self.cfg["server.write_high_water"]:
             # Back-pressure: the backend (and so its upstream socket) waits until
             # the client has taken the queued bytes.
             conn.parked = True
@@ -2025,7 +2066,7 @@ class Daemon(LoopBase):
         if conn.gen is None:
             return
         if conn.paced is not None:  # in a paced run: carry on with the next event
-            conn.t_backend = self.timers.call_later(conn.paced[2], self.paced_tick, conn)
+            conn.t_backend = self.timers.call_later(conn.paced_delay, self.paced_tick, conn)
         else:
             self.runnable.append((conn, None, None))
 
@@ -2033,7 +2074,7 @@ class Daemon(LoopBase):
         _, events, delay = op
         if not events:
             return None
-        conn.paced = (events, 0, delay)
+        conn.paced, conn.paced_i, conn.paced_delay = events, 0, delay
         conn.t_backend = self.timers.call_later(delay, self.paced_tick, conn)
         return PARK
 
@@ -2043,7 +2084,7 @@ class Daemon(LoopBase):
         conn.t_backend = None
         if conn.gen is None:
             return
-        events, i, delay = conn.paced
+        events, i = conn.paced, conn.paced_i
         if conn.state is State.STARTING:
             conn.send_head()
         conn.chunks += 1
@@ -2055,11 +2096,11 @@ class Daemon(LoopBase):
             conn.paced = None
             self.runnable.append((conn, None, None))
         else:
-            conn.paced = (events, i, delay)
-            if len(conn.out) > conn.cfg["server.write_high_water"]:
+            conn.paced_i = i
+            if len(conn.out) > self.cfg["server.write_high_water"]:
                 conn.parked = True  # unpark() carries on
             else:
-                conn.t_backend = self.timers.call_later(delay, self.paced_tick, conn)
+                conn.t_backend = self.timers.call_later(conn.paced_delay, self.paced_tick, conn)
 
     def _op_readable(self, conn, op):
         return self.wait_io(conn, op, _READ)
@@ -2219,7 +2260,7 @@ class Daemon(LoopBase):
         if conn.unix_fds:
             close_fds(conn.unix_fds)
             conn.unix_fds = None
-        self.conns.pop(conn.id, None)
+        self.conns.discard(conn)
         if not conn.has_client:
             return
         stats = self.stats
@@ -2267,7 +2308,7 @@ class Daemon(LoopBase):
 
     def drain_expired(self, _=None) -> None:
         log(logging.INFO, "drain timeout: ending live streams", streams=self.stats.active_streams)
-        for conn in list(self.conns.values()):
+        for conn in list(self.conns):
             self.fail_stream(conn, "shutdown", "server is shutting down", "shutdown")
         # Give the final events a moment to reach the clients, then stop regardless.
         self.t_drain = self.timers.call_later(min(LINGER, self.cfg["server.write_timeout"]), self.stop_now)
@@ -2278,7 +2319,7 @@ class Daemon(LoopBase):
 
     def end_all_streams(self) -> None:
         """Best effort, without waiting: one last error event, then close."""
-        for conn in list(self.conns.values()):
+        for conn in list(self.conns):
             last = (sse_error("shutdown", "server is shutting down") if conn.state is State.STREAMING else
                     error_response(503, "server is shutting down", retry_after=1)
                     if conn.state is State.STARTING else None)
@@ -2323,7 +2364,7 @@ class Daemon(LoopBase):
 
     def close(self) -> None:
         self.close_listener()
-        for conn in list(self.conns.values()):
+        for conn in list(self.conns):
             if conn.state is not State.CLOSED:
                 conn.outcome = conn.outcome or "shutdown"
                 conn.transition("abort")
@@ -2478,6 +2519,7 @@ class Supervisor(LoopBase):
             daemon.fd_limit = raise_fd_limit()
             daemon.max_connections = cap_connections(self.cfg["server.max_connections"], daemon.fd_limit)
             daemon.open_listener(self.listener)
+            daemon.accept_batch = ACCEPT_BATCH
             daemon.report_sock = report_sock
             # EOF on this socket means the parent is gone (even SIGKILLed):
             # drain and exit rather than live on as an orphan.

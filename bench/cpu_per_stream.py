@@ -70,7 +70,9 @@ def run(args, path):
             d.run_once(max_wait=0)
             clock.now += 0.001
         else:
-            d.run_once(max_wait=max(0.0, min(0.01, next_wave - clock())))
+            # until the next wave; after the last one, let the loop sleep as it would
+            wait = max(0.0, min(0.01, next_wave - clock())) if started < args.streams else None
+            d.run_once(max_wait=wait)
         cpu += time.process_time() - t0
         if started >= args.streams and not d.stats.active_streams:
             # every stream has ended: close the clients so the daemon's FIN/linger completes

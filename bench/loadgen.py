@@ -277,7 +277,9 @@ def run(args):
         "data": args.data, "procs": args.procs, "pair": args.pair,
         "ok": len(ok), "failed": len(results) - len(ok), "outcomes": kinds,
         "elapsed_s": round(elapsed, 3), "events": events, "events_per_s": round(events / elapsed, 1),
-        "handoffs_per_s": round(len(results) / elapsed, 1) if args.mode != "burst" else None,
+        # the rate streams were started at (not counting the last streams' run time)
+        "handoffs_per_s": round(total / (max((s[-1] for s in scheds if s), default=0) + 1 / args.rate), 1)
+        if args.mode != "burst" else None,
         "peak_concurrency": peak_live,
     }
     for name, idx in (("handoff_ms", 0), ("ttfb_ms", 1), ("duration_ms", 2)):

@@ -90,7 +90,7 @@ def test_backpressure_pauses_backend(daemon, probe_backend):
     ip = daemon(backend__provider="probe")
     c = small_buffer_client(ip.path)
     ip.run_for(50)
-    conn = next(iter(ip.d.conns.values()))
+    conn = next(iter(ip.d.conns))
     assert conn.parked
     assert streamd.Daemon.__init__  # loop stays alive
     paused_at = probe.yields
@@ -111,7 +111,7 @@ def test_slow_client_write_timeout_measures_progress(daemon, fdcheck, probe_back
     ip = daemon(backend__provider="probe", server__write_timeout=30.0)
     c = small_buffer_client(ip.path)
     ip.run_for(30)
-    conn = next(iter(ip.d.conns.values()))
+    conn = next(iter(ip.d.conns))
     assert conn.parked and conn.out
     # Progress resets the clock: read a little every 20 s; 60 s pass, no timeout.
     for _ in range(3):
@@ -333,7 +333,7 @@ def test_fin_before_close_and_linger(daemon, fdcheck):
     ip = daemon(backend__mock__message_delay=0.0)
     c = client(ip.path, b"\0")
     ip.pump(c.done)  # EOF seen while the daemon still holds the socket
-    conn = next(iter(ip.d.conns.values()))
+    conn = next(iter(ip.d.conns))
     assert conn.state is streamd.State.DRAINING
     c.sock.send(b"late bytes the daemon must discard")
     ip.run_for(3)
