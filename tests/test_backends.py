@@ -450,3 +450,13 @@ def test_keep_alive_with_fd_numbers_above_1024(daemon, upstream):
     finally:
         for fd in filler:
             os.close(fd)
+
+
+def test_raw_stream_that_ends_with_nothing_left_to_send_is_closed(daemon, upstream):
+    """Regression: the last raw bytes went out in an earlier step, so the end
+    of the stream had nothing to send and the FIN was never sent."""
+    up = upstream()
+    ip = daemon(**settings("langgraph", up, backend__langgraph__output="raw"))
+    c = stream(ip, {"test_pattern": "lateend:50"})  # the chunked terminator comes 50 ms later
+    assert c.data.endswith(b"event: end\ndata: null\n\n")
+    c.close()

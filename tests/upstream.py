@@ -19,6 +19,7 @@ chunked SSE by default.  The X-Test-Pattern request header picks a scenario:
   flood:N       N events of 1 KiB, as fast as the client takes them
   length        Content-Length framing instead of chunked
   eof           no framing: Connection: close, body ends at EOF
+  lateend:MS    MS milliseconds between the last event and the end of the framing
 
 It records every request (path, headers, JSON body) and, per request, when
 the client hung up.
@@ -361,6 +362,8 @@ class TestUpstream:
             conn.shutdown(socket.SHUT_RDWR)
             return False
         if framing == "chunked":
+            if name == "lateend" and self.wait_hangup(conn, rec, int(arg) / 1000):
+                return False
             if not self.send(conn, rec, b"0\r\n\r\n"):
                 return False
         rec.finished.set()
