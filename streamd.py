@@ -649,11 +649,12 @@ def parse_handoff(data: bytes) -> Request:
         raise ProtocolError(400, "handoff data is not valid JSON%s" % where) from None
     if not isinstance(obj, dict):
         raise ProtocolError(400, "handoff data: expected a JSON object, got %s" % _type_name(obj))
-    for name, (check, expected) in _FIELD_CHECKS.items():
-        if name in obj and obj[name] is not None:
-            if not check(obj[name]):
-                raise _bad(name, expected, obj[name])
-            setattr(req, name, obj[name])
+    for name, value in obj.items():  # only the keys present: usually two or three
+        rule = _FIELD_CHECKS.get(name)
+        if rule is not None and value is not None:
+            if not rule[0](value):
+                raise _bad(name, rule[1], value)
+            setattr(req, name, value)
     if obj.get("messages") is not None:
         req.messages = _parse_messages(obj["messages"]) or None
     headers = obj.get("response_headers")
