@@ -241,6 +241,23 @@ class Option:
         self.flag, self.env, self.live, self.help = flag, env, live, help
 
 
+def upstream_options(name, base, auth, path, model, model_note=""):
+    """The rows every HTTP backend has: key, base URL, Unix socket, default model."""
+    up = name.upper()
+    rows = [
+        Option("backend.%s.api_key" % name, "", p_str, "--%s-key" % name, env=up + "_API_KEY",
+               help="%s: API key (%s); prefer the environment" % (name, auth)),
+        Option("backend.%s.api_base" % name, base, p_url, "--%s-base" % name, env=up + "_API_BASE",
+               help="%s: base URL (%s is appended)" % (name, path)),
+        Option("backend.%s.api_socket" % name, "", p_abspath_or_empty, "--%s-socket" % name,
+               env=up + "_API_SOCKET", help="%s: reach the API over this Unix socket instead of TCP" % name),
+    ]
+    if model is not None:
+        rows.append(Option("backend.%s.default_model" % name, model, p_str, "--%s-model" % name,
+                           help=("%s: model when the handoff names none " % name + model_note).strip()))
+    return rows
+
+
 # The README's option table and config.example.yaml list exactly these rows
 # (tests/test_config.py checks that they stay in step).
 OPTIONS = [
@@ -280,40 +297,16 @@ OPTIONS = [
            help="model when the handoff names none"),
     Option("backend.mock.message_delay", 0.05, p_duration(allow_zero=True), "--message-delay",
            live=True, help="mock: pause between events"),
-    Option("backend.openai.api_key", "", p_str, "--openai-key", env="OPENAI_API_KEY",
-           help="openai: API key (Authorization: Bearer); prefer the environment"),
-    Option("backend.openai.api_base", "https://api.openai.com/v1", p_url, "--openai-base",
-           env="OPENAI_API_BASE", help="openai: base URL; /chat/completions is appended"),
-    Option("backend.openai.api_socket", "", p_abspath_or_empty, "--openai-socket", env="OPENAI_API_SOCKET",
-           help="openai: reach the API over this Unix socket instead of TCP"),
-    Option("backend.openai.default_model", "", p_str, "--openai-model",
-           help="openai: model when the handoff names none (empty: backend.default_model)"),
-    Option("backend.anthropic.api_key", "", p_str, "--anthropic-key", env="ANTHROPIC_API_KEY",
-           help="anthropic: API key (x-api-key)"),
-    Option("backend.anthropic.api_base", "https://api.anthropic.com", p_url, "--anthropic-base",
-           env="ANTHROPIC_API_BASE", help="anthropic: base URL; /v1/messages is appended"),
-    Option("backend.anthropic.api_socket", "", p_abspath_or_empty, "--anthropic-socket", env="ANTHROPIC_API_SOCKET",
-           help="anthropic: reach the API over this Unix socket"),
-    Option("backend.anthropic.default_model", "claude-sonnet-4-5", p_str, "--anthropic-model",
-           help="anthropic: model when the handoff names none"),
+    *upstream_options("openai", "https://api.openai.com/v1", "Authorization: Bearer", "/chat/completions",
+                      "", "(empty: backend.default_model)"),
+    *upstream_options("anthropic", "https://api.anthropic.com", "x-api-key", "/v1/messages", "claude-sonnet-4-5"),
     Option("backend.anthropic.max_tokens", 1024, p_int(1), "--anthropic-max-tokens", live=True,
            help="anthropic: max_tokens when the handoff sets none (the API requires one)"),
     Option("backend.anthropic.version", "2023-06-01", p_str, "--anthropic-version",
            help="anthropic: the anthropic-version header"),
-    Option("backend.gemini.api_key", "", p_str, "--gemini-key", env="GEMINI_API_KEY",
-           help="gemini: API key (x-goog-api-key)"),
-    Option("backend.gemini.api_base", "https://generativelanguage.googleapis.com", p_url, "--gemini-base",
-           env="GEMINI_API_BASE", help="gemini: base URL; /v1beta/models/... is appended"),
-    Option("backend.gemini.api_socket", "", p_abspath_or_empty, "--gemini-socket", env="GEMINI_API_SOCKET",
-           help="gemini: reach the API over this Unix socket"),
-    Option("backend.gemini.default_model", "gemini-2.5-flash", p_str, "--gemini-model",
-           help="gemini: model when the handoff names none"),
-    Option("backend.langgraph.api_key", "", p_str, "--langgraph-key", env="LANGGRAPH_API_KEY",
-           help="langgraph: API key (X-Api-Key)"),
-    Option("backend.langgraph.api_base", "http://127.0.0.1:2024", p_url, "--langgraph-base",
-           env="LANGGRAPH_API_BASE", help="langgraph: base URL of the deployment"),
-    Option("backend.langgraph.api_socket", "", p_abspath_or_empty, "--langgraph-socket",
-           env="LANGGRAPH_API_SOCKET", help="langgraph: reach the API over this Unix socket"),
+    *upstream_options("gemini", "https://generativelanguage.googleapis.com", "x-goog-api-key",
+                      "/v1beta/models/...", "gemini-2.5-flash"),
+    *upstream_options("langgraph", "http://127.0.0.1:2024", "X-Api-Key", "/runs/stream", None),
     Option("backend.langgraph.assistant_id", "agent", p_str, "--langgraph-assistant",
            env="LANGGRAPH_ASSISTANT_ID", help="langgraph: assistant when the handoff names none"),
     Option("backend.langgraph.stream_mode", ["messages-tuple"], p_names, "--langgraph-stream-mode",

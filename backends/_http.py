@@ -526,6 +526,35 @@ def _close(sock):
     sock.close()
 
 
+def headers(req, auth_header: str = "", auth_value: str = "") -> dict:
+    """Request headers every backend sends: auth (when a key is set), SSE, and
+    the handoff's test_pattern as X-Test-Pattern."""
+    out = {"Accept": "text/event-stream"}
+    if auth_value:
+        out[auth_header] = auth_value
+    if req.test_pattern:
+        out["X-Test-Pattern"] = req.test_pattern
+    return out
+
+
+def json_events(stream: "Stream"):
+    """Like Stream.next_events, with each event's data parsed as JSON:
+    [(event name, value)], or None when the body is done."""
+    events = yield from stream.next_events()
+    if events is None:
+        return None
+    out = []
+    for ev in events:
+        if ev.data == "[DONE]":  # OpenAI's end marker is not JSON
+            out.append((ev.event, ev.data))
+            continue
+        try:
+            out.append((ev.event, json.loads(ev.data)))
+        except ValueError:
+            raise BackendError("upstream sent an event that is not JSON") from None
+    return out
+
+
 def open_stream(tgt: Target, cfg: dict, method: str, path: str, headers: dict, body,
                 secrets=()):
     """Connect (or reuse a pooled connection), send the request, read the head.

@@ -4,7 +4,6 @@ POST {api_base}/v1/messages with "stream": true.  Text arrives in
 content_block_delta events of type text_delta; message_stop ends the stream;
 an `error` event (e.g. overloaded_error) fails it.
 """
-import json
 
 from streamd import BackendError
 from backends import _http
@@ -33,28 +32,21 @@ def request_body(req, cfg):
 def run(req, cfg):
     target = _http.target(cfg, NAME)
     key = cfg["backend.anthropic.api_key"]
-    headers = {"Accept": "text/event-stream", "anthropic-version": cfg["backend.anthropic.version"]}
-    if key:
-        headers["x-api-key"] = key
-    if req.test_pattern:
-        headers["X-Test-Pattern"] = req.test_pattern
+    headers = _http.headers(req, "x-api-key", key)
+    headers["anthropic-version"] = cfg["backend.anthropic.version"]
     stream = yield from _http.open_stream(target, cfg, "POST", target.path + "/v1/messages", headers,
                                           request_body(req, cfg), secrets=(key,))
     try:
         yield ("head",)
         stopped, finish, usage = False, None, {"prompt_tokens": 0, "completion_tokens": 0}
         while True:
-            events = yield from stream.next_events()
+            events = yield from _http.json_events(stream)
             if events is None:
                 break
-            for ev in events:
-                try:
-                    data = json.loads(ev.data)
-                except ValueError:
-                    raise BackendError("upstream sent an event that is not JSON") from None
-                kind = ev.event if ev.event != "message" else (data.get("type") if isinstance(data, dict) else "")
+            for name, data in events:
                 if not isinstance(data, dict):
                     continue
+                kind = name if name != "message" else data.get("type")
                 if kind == "content_block_delta":
                     delta = data.get("delta") or {}
                     if delta.get("type") == "text_delta" and delta.get("text"):

@@ -4,7 +4,6 @@ Events are CRLF-framed JSON chunks with candidates[].content.parts[].text
 (deltas); a candidate's finishReason ends the stream.  A mid-stream
 {"error": …} chunk fails it.
 """
-import json
 from urllib.parse import quote
 
 from streamd import BackendError
@@ -43,25 +42,17 @@ def run(req, cfg):
     key = cfg["backend.gemini.api_key"]
     model = req.model or cfg["backend.gemini.default_model"]
     path = "%s/v1beta/models/%s:streamGenerateContent?alt=sse" % (target.path, quote(model, safe=""))
-    headers = {"Accept": "text/event-stream"}
-    if key:
-        headers["x-goog-api-key"] = key
-    if req.test_pattern:
-        headers["X-Test-Pattern"] = req.test_pattern
+    headers = _http.headers(req, "x-goog-api-key", key)
     stream = yield from _http.open_stream(target, cfg, "POST", path, headers, request_body(req, cfg),
                                           secrets=(key,))
     try:
         yield ("head",)
         finish, usage = None, None
         while True:
-            events = yield from stream.next_events()
+            events = yield from _http.json_events(stream)
             if events is None:
                 break
-            for ev in events:
-                try:
-                    chunk = json.loads(ev.data)
-                except ValueError:
-                    raise BackendError("upstream sent an event that is not JSON") from None
+            for _, chunk in events:
                 if not isinstance(chunk, dict):
                     continue
                 if chunk.get("error"):

@@ -63,17 +63,12 @@ def ensure_thread(target, cfg, headers, thread_id, key):
 def run(req, cfg):
     target = _http.target(cfg, NAME)
     key = cfg["backend.langgraph.api_key"]
-    headers = {}
-    if key:
-        headers["X-Api-Key"] = key
-    if req.test_pattern:
-        headers["X-Test-Pattern"] = req.test_pattern
+    headers = _http.headers(req, "X-Api-Key", key)
     if req.thread_id:
         yield from ensure_thread(target, cfg, headers, req.thread_id, key)
         path = "%s/threads/%s/runs/stream" % (target.path, quote(req.thread_id, safe=""))
     else:
         path = target.path + "/runs/stream"
-    headers["Accept"] = "text/event-stream"
     stream = yield from _http.open_stream(target, cfg, "POST", path, headers,
                                           request_body(req, cfg, bool(req.thread_id)), secrets=(key,))
     raw = cfg["backend.langgraph.output"] == "raw"

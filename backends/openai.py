@@ -29,32 +29,24 @@ def request_body(req, cfg):
 def run(req, cfg):
     target = _http.target(cfg, NAME)
     key = cfg["backend.openai.api_key"]
-    headers = {"Accept": "text/event-stream"}
-    if key:
-        headers["Authorization"] = "Bearer " + key
-    if req.test_pattern:
-        headers["X-Test-Pattern"] = req.test_pattern
+    headers = _http.headers(req, "Authorization", "Bearer " + key if key else "")
     stream = yield from _http.open_stream(target, cfg, "POST", target.path + "/chat/completions", headers,
                                           request_body(req, cfg), secrets=(key,))
     try:
         yield ("head",)
         done, finish, usage = False, None, None
         while True:
-            events = yield from stream.next_events()
+            events = yield from _http.json_events(stream)
             if events is None:
                 break
-            for ev in events:
-                if ev.data == "[DONE]":
+            for name, chunk in events:
+                if chunk == "[DONE]":
                     done = True
                     continue
-                try:
-                    chunk = json.loads(ev.data)
-                except ValueError:
-                    raise BackendError("upstream sent an event that is not JSON") from None
                 if not isinstance(chunk, dict):
                     raise BackendError("upstream sent an event that is not a JSON object")
-                if chunk.get("error") or ev.event == "error":
-                    raise BackendError("upstream error: %s" % _http.error_message(ev.data.encode()))
+                if chunk.get("error") or name == "error":
+                    raise BackendError("upstream error: %s" % _http.error_message(json.dumps(chunk).encode()))
                 for choice in chunk.get("choices") or ():
                     text = (choice.get("delta") or {}).get("content")
                     if text:
