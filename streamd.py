@@ -758,13 +758,19 @@ class Timers:
         heapq.heappush(self._heap, (when, next(self._seq), t))
         return t
 
-    def call_later(self, delay: float, fn, arg=None) -> Timer:
+    def call_later(self, delay: float, fn, arg=None, reuse: Timer | None = None) -> Timer:
+        """`reuse`: a timer that has fired, to be armed again (saves an allocation
+        on hot paths that re-arm the same timer over and over)."""
         q = self._fifos.get(delay)
         if q is None:
             if len(self._fifos) >= self.MAX_FIFOS:
                 return self.call_at(self.clock() + delay, fn, arg)
             q = self._fifos[delay] = collections.deque()
-        t = Timer(self.clock() + delay, fn, arg, delay)
+        if reuse is not None and reuse.fifo is not None:
+            t = reuse
+            t.when, t.fn, t.arg, t.cancelled, t.fifo = self.clock() + delay, fn, arg, False, delay
+        else:
+            t = Timer(self.clock() + delay, fn, arg, delay)
         q.append(t)
         return t
 
@@ -822,14 +828,15 @@ class Timers:
         for delay, q in self._fifos.items():
             if q and q[0].when <= until:
                 sources += 1
+                popleft = q.popleft
                 while q and q[0].when <= until:
-                    t = q.popleft()
+                    t = popleft()
                     if t.cancelled:
                         self._fifo_dead[delay] -= 1
                     else:
                         due.append(t)
         if sources > 1:
-            due.sort(key=_when)
+            due.sort(key=_when)  # several sources: merge them into deadline order
         for t in due:
             if t.cancelled:  # cancelled by a callback earlier in this pass
                 continue
@@ -2097,8 +2104,8 @@ class Daemon(LoopBase):
 
     def paced_tick(self, conn) -> None:
         """One event of a ("paced", events, delay) run: a timer and a send,
-        with no trip through the backend's generator."""
-        conn.t_backend = None
+        with no trip through the backend's generator (this is the hot path)."""
+        fired, conn.t_backend = conn.t_backend, None
         if conn.gen is None:
             return
         events, i = conn.paced, conn.paced_i
@@ -2114,10 +2121,10 @@ class Daemon(LoopBase):
             self.runnable.append((conn, None, None))
         else:
             conn.paced_i = i
-            if len(conn.out) > self.cfg["server.write_high_water"]:
+            if conn.out and len(conn.out) > self.cfg["server.write_high_water"]:
                 conn.parked = True  # unpark() carries on
             else:
-                conn.t_backend = self.timers.call_later(conn.paced_delay, self.paced_tick, conn)
+                conn.t_backend = self.timers.call_later(conn.paced_delay, self.paced_tick, conn, fired)
 
     def _op_readable(self, conn, op):
         return self.wait_io(conn, op, _READ)
