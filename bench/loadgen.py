@@ -9,6 +9,8 @@ with its own fd limit); each runs one selectors loop.
 
 Modes:
   rate   --rate R --duration S      start R streams/s for S seconds
+  ramp   --rate-start A --rate B --duration S
+                                    start streams at a rate rising linearly from A/s to B/s
   burst  --count N                  start N streams at once
   hold   --count N --rate R         ramp up to N concurrent streams at R/s, hold them to the end
 
@@ -220,6 +222,20 @@ def schedules(args):
     """Start times (seconds from t_start), split across processes round-robin."""
     if args.mode == "burst":
         times = [0.0] * args.count
+    elif args.mode == "ramp":
+        # rate(t) = a + (b - a) t / S; stream k starts when the integral reaches k
+        a, b, S = args.rate_start, args.rate, args.duration
+        times, t, k = [], 0.0, 0
+        total = (a + b) / 2 * S
+        while k < total and (not args.count or k < args.count):
+            # solve a t + (b - a) t^2 / (2 S) = k for t
+            if b == a:
+                t = k / a
+            else:
+                c2 = (b - a) / (2 * S)
+                t = (-a + (a * a + 4 * c2 * k) ** 0.5) / (2 * c2)
+            times.append(t)
+            k += 1
     elif args.mode == "hold":
         times = [i / args.rate for i in range(args.count)]
     else:
@@ -298,7 +314,8 @@ def run(args):
 def table(rep):
     lines = ["| metric | value |", "|---|---|"]
     add = lambda k, v: lines.append("| %s | %s |" % (k, v))
-    add("mode", "%s%s" % (rep["mode"], " at %s/s" % rep["rate"] if rep["rate"] else ""))
+    add("mode", "%s%s" % (rep["mode"], " to %s/s" % rep["rate"] if rep["mode"] == "ramp" else
+                           " at %s/s" % rep["rate"] if rep["rate"] else ""))
     add("streams", "%d (%d ok, %d failed)" % (rep["count"], rep["ok"], rep["failed"]))
     if rep["failed"]:
         add("outcomes", ", ".join("%s %d" % kv for kv in sorted(rep["outcomes"].items())))
@@ -321,8 +338,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--socket", required=True, help="the daemon's handoff socket")
-    p.add_argument("--mode", choices=("rate", "burst", "hold"), default="rate")
-    p.add_argument("--rate", type=float, default=100.0, help="new streams per second (rate, hold)")
+    p.add_argument("--mode", choices=("rate", "ramp", "burst", "hold"), default="rate")
+    p.add_argument("--rate", type=float, default=100.0, help="new streams per second (rate, hold; ramp: the end)")
+    p.add_argument("--rate-start", type=float, default=10.0, help="ramp: the starting rate")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of starting streams (rate)")
     p.add_argument("--count", type=int, default=0, help="streams (burst, hold; a cap for rate)")
     p.add_argument("--procs", type=int, default=2, help="load processes")
