@@ -329,6 +329,20 @@ OPTIONS = [
            help="helper threads for connection setup (DNS, connect, TLS): new connections/s x handshake time"),
     Option("upstream.max_idle", 32, p_int(0), "--upstream-max-idle", live=True,
            help="idle keep-alive connections kept per upstream"),
+    Option("upstream.max_retries", 2, p_int(0), "--max-retries", live=True,
+           help="retries of a failed upstream request, only before the first byte reached the client"),
+    Option("upstream.retry_base", 0.5, p_duration(), "--retry-base", live=True,
+           help="first retry waits up to this (full jitter), doubling each time"),
+    Option("upstream.retry_cap", 8.0, p_duration(), "--retry-cap", live=True,
+           help="longest wait between retries (unless the upstream's Retry-After says more)"),
+    Option("upstream.retry_budget", 15.0, p_duration(allow_zero=True), "--retry-budget", live=True,
+           help="no retry that would end later than this after the first attempt"),
+    Option("upstream.breaker_failures", 5, p_int(0), "--breaker-failures", live=True,
+           help="failures in a row that open a backend's circuit (0 disables the breaker)"),
+    Option("upstream.breaker_window", 30.0, p_duration(), "--breaker-window", live=True,
+           help="the failures must fall within this time"),
+    Option("upstream.breaker_cooldown", 30.0, p_duration(), "--breaker-cooldown", live=True,
+           help="how long an open circuit refuses before letting one probe through"),
     Option("metrics.listen_addr", "127.0.0.1:9090", p_addr, "--metrics-addr",
            help="HOST:PORT for /metrics and /healthz; empty disables"),
     Option("logging.level", "info", p_choice("debug", "info", "warning", "error"), "--log-level",
@@ -1102,6 +1116,7 @@ class Connection:
     def send_head(self) -> None:
         self.transition("head")
         self.status = 200
+        self.daemon.backend_answered(self)
         self.write(response_head(self.req.response_headers))
         self.last_send = self.daemon.clock()  # (a corked write counts as sent now)
         self.arm_heartbeat()
@@ -1214,6 +1229,8 @@ class Connection:
 #                                       then resume: the loop does it without
 #                                       resuming the generator for each event
 #   ("head",)                           send the 200 head now (else: at the first event)
+#   ("now",)                            resume with the loop's clock (tests fake it)
+#   ("count", "upstream_retries")       add one to that per-backend metric
 #   ("readable", sock, timeout|None)    resume when sock is readable
 #   ("writable", sock, timeout|None)    resume when sock is writable
 #   ("call", fn, timeout|None, cleanup) run fn() on a helper thread (for what cannot
@@ -1301,6 +1318,69 @@ class HelperPool:
         self.daemon.selector.unregister(self.wake_r)
         self.wake_r.close()
         self.wake_w.close()
+
+
+# ---- Circuit breaker ----
+#
+# One per backend.  CLOSED: streams go to the upstream.  After `failures`
+# failures in a row within `window` seconds: OPEN, and handoffs for that
+# backend get 503 + Retry-After at once, without touching the upstream.  After
+# `cooldown`: HALF_OPEN, and one stream goes through as a probe; its success
+# closes the circuit, its failure opens it again.  A success is an upstream
+# that answered 2xx (our 200 head went out); a failure, an upstream that was
+# refused, failed or timed out before that.  Pure: the caller passes the time.
+
+class Breaker:
+    CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+    __slots__ = ("name", "state", "failures", "first_failure", "opened_at", "probe")
+
+    def __init__(self, name: str):
+        self.name, self.state = name, Breaker.CLOSED
+        self.failures, self.first_failure, self.opened_at, self.probe = 0, 0.0, 0.0, None
+
+    def allow(self, now: float, cfg: dict, conn=None) -> bool:
+        if self.state is Breaker.OPEN:
+            if now - self.opened_at < cfg["upstream.breaker_cooldown"]:
+                return False
+            self.change(Breaker.HALF_OPEN)
+        if self.state is Breaker.HALF_OPEN:
+            if self.probe is not None:
+                return False  # one probe at a time
+            self.probe = conn if conn is not None else True
+        return True
+
+    def retry_after(self, now: float, cfg: dict) -> int:
+        return max(1, math.ceil(self.opened_at + cfg["upstream.breaker_cooldown"] - now))
+
+    def success(self) -> None:
+        self.failures, self.probe = 0, None
+        if self.state is not Breaker.CLOSED:
+            self.change(Breaker.CLOSED)
+
+    def failure(self, now: float, cfg: dict) -> None:
+        threshold = cfg["upstream.breaker_failures"]
+        if not threshold:
+            return  # disabled
+        if self.state is Breaker.HALF_OPEN:
+            self.probe, self.opened_at = None, now
+            self.change(Breaker.OPEN)
+            return
+        if not self.failures or now - self.first_failure > cfg["upstream.breaker_window"]:
+            self.failures, self.first_failure = 0, now
+        self.failures += 1
+        if self.state is Breaker.CLOSED and self.failures >= threshold:
+            self.opened_at = now
+            self.change(Breaker.OPEN)
+
+    def abandon(self, conn) -> None:
+        """The probe's client left before the upstream answered: let another probe go."""
+        if self.probe is conn:
+            self.probe = None
+
+    def change(self, state: str) -> None:
+        self.state = state
+        level = logging.WARNING if state is Breaker.OPEN else logging.INFO
+        log(level, "circuit " + state.replace("_", "-"), backend=self.name, failures=self.failures)
 
 
 # ---- Event loop ----
@@ -1713,9 +1793,10 @@ class Daemon(LoopBase):
         self.ops = {
             "sleep": self._op_sleep, "event": self._op_event, "raw": self._op_raw,
             "head": self._op_head, "readable": self._op_readable, "writable": self._op_writable,
-            "call": self._op_call, "paced": self._op_paced,
+            "call": self._op_call, "paced": self._op_paced, "now": self._op_now, "count": self._op_count,
         }
         self.helpers = None  # HelperPool, made on the first "call"
+        self.breakers = {}   # backend name -> Breaker
 
     # -- the loop --
 
@@ -1995,9 +2076,24 @@ class Daemon(LoopBase):
 
     # -- streams --
 
+    def breaker(self, name: str) -> Breaker:
+        br = self.breakers.get(name)
+        if br is None:
+            br = self.breakers[name] = Breaker(name)
+        return br
+
     def start_stream(self, conn: Connection) -> None:
         conn.backend_name = conn.req.backend or self.cfg["backend.provider"]
-        conn.started_at = self.clock()
+        br = self.breaker(conn.backend_name)
+        now = self.clock()
+        if not br.allow(now, self.cfg, conn):
+            self.stats.circuit_open[conn.backend_name] = 1
+            conn.respond_error(503, "backend %r is failing; not trying it for now (circuit open)"
+                               % conn.backend_name, "circuit_open", br.retry_after(now, self.cfg),
+                               outcome="circuit_open")
+            return
+        self.stats.circuit_open[conn.backend_name] = 0 if br.state is Breaker.CLOSED else 1
+        conn.started_at = now
         self.stats.started += 1
         self.stats.backend_requests[conn.backend_name] += 1
         self.stats.active_streams += 1
@@ -2093,6 +2189,13 @@ class Daemon(LoopBase):
             conn.t_backend = self.timers.call_later(conn.paced_delay, self.paced_tick, conn)
         else:
             self.runnable.append((conn, None, None))
+
+    def _op_now(self, conn, op):
+        return self.clock()
+
+    def _op_count(self, conn, op):
+        getattr(self.stats, op[1])[conn.backend_name] += 1
+        return None
 
     def _op_paced(self, conn, op):
         _, events, delay = op
@@ -2228,10 +2331,22 @@ class Daemon(LoopBase):
             else:
                 conn.end_stream(b"", "done")
 
+    def backend_answered(self, conn: Connection) -> None:
+        """The upstream answered 2xx (the head goes out): good news for its breaker."""
+        br = self.breakers.get(conn.backend_name)
+        if br is not None and (br.state is not Breaker.CLOSED or br.failures):
+            br.success()
+            self.stats.circuit_open[conn.backend_name] = 0
+
     def backend_failed(self, conn: Connection, exc: BaseException) -> None:
         """A backend's stream failed: a status before the head, an error event after."""
         conn.gen = None
         conn.backend_error = True
+        if conn.state is State.STARTING and (isinstance(exc, (TimeoutError, OSError)) or (
+                isinstance(exc, BackendError) and exc.status in (502, 503, 504))):
+            br = self.breaker(conn.backend_name)
+            br.failure(self.clock(), self.cfg)
+            self.stats.circuit_open[conn.backend_name] = 0 if br.state is Breaker.CLOSED else 1
         if isinstance(exc, BackendError):
             status, kind, reason, message, retry = exc.status, exc.kind, exc.reason, str(exc), exc.retry_after
             log(logging.WARNING, "stream failed", conn=conn.id, backend=conn.backend_name,
@@ -2272,6 +2387,10 @@ class Daemon(LoopBase):
     def release(self, conn: Connection) -> None:
         """Free everything a CLOSED connection holds; write its access log line."""
         self.stop_backend(conn)
+        if conn.status is None and conn.backend_name is not None:
+            br = self.breakers.get(conn.backend_name)
+            if br is not None:
+                br.abandon(conn)
         for t in (conn.t_life, conn.t_write, conn.t_heartbeat):
             self.timers.cancel(t)
         conn.t_life = conn.t_write = conn.t_heartbeat = None

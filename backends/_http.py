@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 import select
 import socket
@@ -207,6 +208,18 @@ def parse_head(block: bytes):
         value = value.strip()
         headers[name] = headers[name] + ", " + value if name in headers else value
     return int(parts[1]), headers
+
+
+def exact_retry_after(headers: dict):
+    """The upstream's retry hint in seconds (retry-after-ms first), unrounded."""
+    try:
+        if "retry-after-ms" in headers:
+            return max(0.0, float(headers["retry-after-ms"]) / 1000)
+        if "retry-after" in headers:
+            return max(0.0, float(headers["retry-after"]))
+    except ValueError:
+        pass
+    return None
 
 
 def retry_after_seconds(headers: dict):
@@ -555,40 +568,85 @@ def json_events(stream: "Stream"):
     return out
 
 
+RETRY_STATUSES = frozenset((429, 500, 502, 503, 504, 529))
+
+
+class RetryableError(Exception):
+    """One attempt failed in a way another attempt might not: carries the
+    error to raise if no retry happens, and the upstream's own delay hint."""
+
+    def __init__(self, error: BackendError, hint=None):
+        super().__init__(str(error))
+        self.error, self.hint = error, hint
+
+
 def open_stream(tgt: Target, cfg: dict, method: str, path: str, headers: dict, body,
                 secrets=()):
-    """Connect (or reuse a pooled connection), send the request, read the head.
+    """Connect (or reuse a pooled connection), send the request, read the head;
+    retry what is worth retrying.
 
     Returns a Stream whose status is 2xx; raises BackendError otherwise:
     502 for a refused/failed/invalid upstream, 503 (with the upstream's
     Retry-After) for 429/503/529, 504 for a timeout.  `secrets` (API keys) are
-    cut out of any upstream error text we pass on."""
+    cut out of any upstream error text we pass on.
+
+    Retries happen here, so only before the 200 head and any byte reached the
+    client: on connect failures and on 429/500/502/503/504 (or whatever
+    x-should-retry says), with exponential backoff and full random jitter, or
+    the upstream's Retry-After; at most upstream.max_retries times, within
+    upstream.retry_budget seconds in all."""
     payload = json.dumps(body, ensure_ascii=False).encode("utf-8") if body is not None else None
-    for attempt in (0, 1):
-        sock = tgt.checkout() if attempt == 0 else None
+    started = yield ("now",)
+    attempt = 0
+    while True:
+        try:
+            return (yield from _attempt(tgt, cfg, method, path, headers, payload, secrets))
+        except RetryableError as e:
+            attempt += 1
+            if attempt > cfg["upstream.max_retries"]:
+                raise e.error from None
+            cap = min(cfg["upstream.retry_cap"], cfg["upstream.retry_base"] * 2 ** (attempt - 1))
+            delay = e.hint if e.hint is not None else random.uniform(0, cap)
+            now = yield ("now",)
+            if now + delay - started > cfg["upstream.retry_budget"]:
+                raise e.error from None  # the budget is spent: answer now, with the upstream's hint
+            yield ("count", "upstream_retries")
+            log(logging.INFO, "retrying upstream", target=tgt.host_header, attempt=attempt,
+                delay_s=round(delay, 3), error=str(e.error))
+            yield ("sleep", delay)
+
+
+def _attempt(tgt, cfg, method, path, headers, payload, secrets):
+    for fresh in (False, True):
+        sock = None if fresh else tgt.checkout()
         reused = sock is not None
         if sock is None:
             if tgt.api_socket:
-                sock = tgt.connect_unix()
+                try:
+                    sock = tgt.connect_unix()
+                except BackendError as e:
+                    raise RetryableError(e) from None
             else:
                 timeout = cfg["upstream.connect_timeout"]
                 try:
                     sock = yield ("call", lambda: tgt.connect_blocking(timeout), timeout + 1, _close)
                 except TimeoutError:
-                    raise BackendError("connecting to %s timed out" % tgt.host_header, status=504,
-                                       kind="upstream_timeout", reason="timeout") from None
+                    raise RetryableError(BackendError("connecting to %s timed out" % tgt.host_header, status=504,
+                                                      kind="upstream_timeout", reason="timeout")) from None
                 except ssl.SSLCertVerificationError as e:
+                    # not retried: another attempt meets the same certificate
                     raise BackendError("TLS certificate of %s not trusted: %s" % (tgt.host_header,
                                        e.verify_message or e.reason), reason="network") from None
                 except Exception as e:  # socket.gaierror, refused, TLS failures, urllib3 errors
                     reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-                    raise BackendError("cannot connect to %s: %s" % (tgt.host_header, reason),
-                                       reason="network") from None
+                    raise RetryableError(BackendError("cannot connect to %s: %s" % (tgt.host_header, reason),
+                                                      reason="network")) from None
         stream = Stream(tgt, sock, cfg, reused)
         try:
             yield from stream.send_request(method, path, headers, payload)
             yield from stream.read_head()
         except TimeoutError:
+            # not retried: the upstream may be working on it (a slow first token)
             stream.close()
             raise BackendError("upstream %s did not answer within %gs" % (tgt.host_header,
                                cfg["upstream.header_timeout"]), status=504, kind="upstream_timeout",
@@ -596,7 +654,7 @@ def open_stream(tgt: Target, cfg: dict, method: str, path: str, headers: dict, b
         except BackendError:
             stream.close()
             if reused and stream.status is None:
-                continue  # a pooled connection the server had closed: one fresh try
+                continue  # a pooled connection the server had closed: at once, on a fresh one
             raise
         except BaseException:
             stream.close()
@@ -612,7 +670,12 @@ def open_stream(tgt: Target, cfg: dict, method: str, path: str, headers: dict, b
             message = message.replace(secret, "[redacted]")
     status = stream.status
     detail = "upstream answered %d%s" % (status, ": " + message if message else "")
+    hint = retry_after_seconds(stream.headers)
     if status in (429, 503, 529):
-        raise BackendError(detail, status=503, kind="upstream_unavailable",
-                           retry_after=retry_after_seconds(stream.headers) or 1)
-    raise BackendError(detail, status=502, kind="upstream_error")
+        error = BackendError(detail, status=503, kind="upstream_unavailable", retry_after=hint or 1)
+    else:
+        error = BackendError(detail, status=502, kind="upstream_error")
+    should = stream.headers.get("x-should-retry", "").lower()
+    if should == "true" or (should != "false" and status in RETRY_STATUSES):
+        raise RetryableError(error, exact_retry_after(stream.headers))
+    raise error

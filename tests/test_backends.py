@@ -36,7 +36,8 @@ def upstream():
 def settings(name, up, **extra):
     base = up.base + ("/v1" if name == "openai" else "")
     out = {"backend__provider": name, "backend__%s__api_base" % name: base,
-           "backend__%s__api_key" % name: "sk-test-key"}
+           "backend__%s__api_key" % name: "sk-test-key",
+           "upstream__max_retries": 0}  # retries have their own tests (test_resilience.py)
     out.update(extra)
     return out
 
@@ -262,7 +263,8 @@ def test_api_socket(daemon, upstream, name, tmp_path):
 
 
 def test_api_socket_missing_is_502(daemon, tmp_path, fdcheck):
-    ip = daemon(backend__provider="openai", backend__openai__api_socket=str(tmp_path / "nope.sock"))
+    ip = daemon(backend__provider="openai", backend__openai__api_socket=str(tmp_path / "nope.sock"),
+                upstream__max_retries=0)
     c = stream(ip, {})
     assert c.parsed().status == 502 and "No such file" in json.loads(c.parsed().body)["error"]["message"]
     c.close()
@@ -275,7 +277,8 @@ def test_connect_refused_is_502(daemon, fdcheck):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nothing listens there now
-    ip = daemon(backend__provider="openai", backend__openai__api_base="http://127.0.0.1:%d/v1" % port)
+    ip = daemon(backend__provider="openai", backend__openai__api_base="http://127.0.0.1:%d/v1" % port,
+                upstream__max_retries=0)
     c = stream(ip, {})
     r = c.parsed()
     assert r.status == 502 and "cannot connect to 127.0.0.1:%d" % port in json.loads(r.body)["error"]["message"]
@@ -332,7 +335,7 @@ def test_api_key_never_in_error_text(daemon, upstream):
 
 def test_per_request_backend(daemon, upstream):
     up = upstream()
-    ip = daemon(backend__provider="mock", backend__enabled=["openai"],
+    ip = daemon(backend__provider="mock", backend__enabled=["openai"], upstream__max_retries=0,
                 backend__openai__api_base=up.base + "/v1", backend__mock__message_delay=0.0)
     c = stream(ip, {"backend": "openai"})
     assert contents(c) == ("".join(WORDS), True, None)

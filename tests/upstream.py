@@ -12,6 +12,8 @@ chunked SSE by default.  The X-Test-Pattern request header picks a scenario:
   cut:N         N content events, clean framing end, but no end marker
   finish:R      finish reason R
   status:C      HTTP status C with the provider's JSON error body (+ retry-after: 7)
+  fail:N:C[:RA[:SR]]  the first N such requests get status C (retry-after RA, x-should-retry SR),
+                then the default stream
   slow:MS       MS milliseconds between events
   silent        response head, then nothing until the client leaves
   nohead        reads the request, never answers
@@ -176,6 +178,7 @@ class TestUpstream:
         self.unix_path = unix_path
         self.port = None if unix_path else self.sock.getsockname()[1]
         self.requests = []
+        self.failed = {}  # fail:… pattern -> requests seen
         self.connections = 0
         self.handshake_delay = 0.0  # seconds before the TLS handshake (a slow upstream)
         self.lock = threading.Lock()
@@ -300,6 +303,24 @@ class TestUpstream:
         if name == "nohead":
             self.wait_hangup(conn, rec, 30)
             return False
+        if name == "fail":
+            # fail:N:CODE[:RETRY_AFTER[:SHOULD_RETRY]]: the first N requests with this
+            # pattern get CODE, later ones the default stream
+            parts = arg.split(":")
+            with self.lock:
+                self.failed[pattern] = self.failed.get(pattern, 0) + 1
+                failing = self.failed[pattern] <= int(parts[0])
+            if failing:
+                code = int(parts[1])
+                extra = b""
+                if len(parts) > 2 and parts[2]:
+                    extra += b"retry-after: %s\r\n" % parts[2].encode()
+                if len(parts) > 3:
+                    extra += b"x-should-retry: %s\r\n" % parts[3].encode()
+                body = json.dumps(fmt.status_body(code)).encode()
+                return self.send(conn, rec, b"HTTP/1.1 %d Error\r\nContent-Type: application/json\r\n%s"
+                                            b"Content-Length: %d\r\n\r\n%s" % (code, extra, len(body), body))
+            name = ""
         if name == "status":
             code = int(arg)
             body = json.dumps(fmt.status_body(code)).encode()
