@@ -16,8 +16,10 @@ One pass of the loop (Daemon.run_once):
      event, wait for a socket) and are resumed by the loop.
 
 Reading order: Errors, Config, Logging, Wire protocol (pure functions: bytes in,
-bytes or values out), Timers, Connection state machine, Backend operations, Event
-loop, Mock backend & registry, Signals & systemd, Client (send, demo), main.
+bytes or values out), Timers, Connection state machine, Backend operations,
+Circuit breaker, Metrics, Event loop (Daemon.run_once is the heart), Workers,
+Mock backend & registry (the tutorial backend), Signals & systemd, Client (send,
+demo), main.  Newcomers: read MockBackend first, then Daemon.run_once and step.
 """
 from __future__ import annotations
 
@@ -1383,8 +1385,6 @@ class Breaker:
         log(level, "circuit " + state.replace("_", "-"), backend=self.name, failures=self.failures)
 
 
-# ---- Event loop ----
-
 # ---- Metrics ----
 #
 # The loop keeps plain integers and bucket arrays (an increment, or a bisect
@@ -1715,6 +1715,12 @@ class MetricsServer:
         self.loop.selector.unregister(self.sock)
         self.sock.close()
 
+
+# ---- Event loop ----
+#
+# LoopBase holds what every loop has (selector, timers, signals).  Daemon is the
+# loop of streams: the listener, every Connection, the backend operations, the
+# drain.  Supervisor (Workers, below) is the parent of --workers N.
 
 class LoopBase:
     """What every streamd loop has: a selector, timers, and signals that only
