@@ -36,26 +36,24 @@ TARGETS = {
 
 
 ANALYSIS = """\
-- **CPU per stream (~185 µs in-process, ~275 µs under the load generator; target 150 µs).**
-  In-process (`bench/cpu_per_stream.py`, profiled with cProfile and counted with callgrind) the
-  18 events cost one `send()` each on the client socket, about 4 µs of kernel time per event or
-  ~75 µs a stream. The handoff itself (accept, recvmsg, close the Unix connection, wrap and
-  register the client socket, parse the JSON, render the first event) costs ~40 µs, and the
-  access log line ~10 µs. What is left per event is one FIFO timer and about ten Python calls.
-  Under the load generator the same work costs ~50% more: a Python load generator doing as much
-  work per stream as the daemon shares the 2 cores, with cache and scheduler interference. The
-  next steps would be raw fds instead of socket objects and a C-level event path, which this
-  one readable file does not take.
-- **Burst of 5,000 (TTFB p99 ~230 ms; target 100 ms).** All 5,000 succeed. The p99 is the time to
-  run ~4,950 handoffs back to back at ~40 µs each while both load-generator processes make
-  5,000 socket pairs on the same 2 cores. `--workers 2` does not help here (p99 255 ms): the
-  cores, not the loop, are the limit during the burst.
-- **Sustained (2,000/s with TTFB p99 2.3 ms; target 2,500/s at ≤ 10 ms).** There were no failures at any
-  rate. At 2,500/s the daemon needs ~0.7 of a core and the load generator ~1.3: the 2 cores are
-  full, so TTFB p99 reaches 10–12 ms (9.7 ms in an earlier run). That is the knee.
-- **Capacity TTFB p99 (~6 ms; target 5 ms).** With 19,000 streams held and handoffs arriving at
-  2,000/s, the p99 is set by preemption from the two load-generator processes. Garbage-collector
-  pauses used to add up to 76 ms of loop lag; `gc.freeze()` brought the worst lag to ~12 ms.\
+- **CPU per stream (186 µs in-process, ~230 µs under the load generator at 2,500/s, 146 µs in
+  the burst; target 150 µs).** In-process (`bench/cpu_per_stream.py`, profiled with cProfile and
+  counted with callgrind) the 18 events cost one `send()` each on the client socket, about 4 µs of
+  kernel time per event or ~75 µs a stream. The handoff itself (accept, recvmsg, close the Unix
+  connection, wrap and register the client socket, parse the JSON, render the first event) is
+  ~40 µs, and the access log line ~10 µs. What is left per event is one FIFO timer and a few
+  Python calls (~630 calls per stream in all). Under the load generator the same work costs more:
+  the kernel wakes the reader on the other core for every send, and a Python load generator doing
+  as much work per stream shares the 2 cores. The next steps would be raw fds instead of socket
+  objects and a C-level event path, which this one readable file does not take.
+- **Burst of 5,000 (TTFB p99 160 ms; target 100 ms).** All 5,000 succeed. The p99 is the time to
+  run ~4,950 handoffs back to back at ~30–40 µs each, while both load-generator processes create
+  5,000 socket pairs on the same 2 cores. `--workers 2` does not help here: the cores, not the
+  loop, are the limit during the burst.
+- **Capacity TTFB p99 (5.7 ms; target 5 ms).** With 19,000 streams held and handoffs arriving
+  at 2,000/s, the p99 is set by preemption from the two load-generator processes on the same
+  cores. Garbage-collector pauses used to add up to 76 ms of loop lag; `gc.freeze()` brought the
+  worst lag to ~12 ms.\
 """
 
 
@@ -247,7 +245,7 @@ def report_only():
                 return json.load(f)
         return None
     res = {}
-    sustained = [load("sustained_%d" % r) for r in (1500, 2000, 2500, 3000, 3500)]
+    sustained = [load("sustained_%d" % r) for r in (1500, 2000, 2500, 3000, 3500, 4000, 5000)]
     sustained = [s for s in sustained if s]
     if sustained:
         res["sustained"] = sustained
@@ -285,7 +283,7 @@ def main():
     if "cpu" in only:
         res["cpu"] = run_cpu(False)
     if "sustained" in only:
-        res["sustained"], res["sustained_best"] = run_sustained([1500, 2000, 2500, 3000, 3500], 10)
+        res["sustained"], res["sustained_best"] = run_sustained([1500, 2000, 2500, 3000, 3500, 4000, 5000], 10)
     if "burst" in only:
         res["burst"] = scenario("burst", [], "--mode", "burst", "--count", "5000", "--procs", "2")
     if "capacity" in only:
