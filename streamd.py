@@ -331,6 +331,9 @@ OPTIONS = [
            help="helper threads for connection setup (DNS, connect, TLS): new connections/s x handshake time"),
     Option("upstream.max_idle", 32, p_int(0), "--upstream-max-idle", live=True,
            help="idle keep-alive connections kept per upstream"),
+    Option("upstream.http2", "false", p_choice("auto", "true", "false"), "--http2", live=True,
+           help="auto: offer h2 over TLS (ALPN) when the h2 package is installed; true: also h2c "
+                "for http:// (prior knowledge); false: HTTP/1.1 only, with keep-alive"),
     Option("upstream.max_retries", 2, p_int(0), "--max-retries", live=True,
            help="retries of a failed upstream request, only before the first byte reached the client"),
     Option("upstream.retry_base", 0.5, p_duration(), "--retry-base", live=True,
@@ -3236,6 +3239,12 @@ def main(argv=None) -> int:
     setup_logging(cfg["logging.level"], cfg["logging.format"])
     if cfg["server.workers"] > 1:
         return supervise(cfg, args, env)
+    if cfg["upstream.http2"] == "true":
+        try:
+            import h2  # noqa: F401
+        except ImportError:
+            print("streamd: upstream.http2: true needs the h2 package (pip install h2)", file=sys.stderr)
+            return 2
     daemon = Daemon(cfg)
     daemon.flags, daemon.env = args, env
     try:

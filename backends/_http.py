@@ -616,10 +616,41 @@ def open_stream(tgt: Target, cfg: dict, method: str, path: str, headers: dict, b
             yield ("sleep", delay)
 
 
+def _connect(tgt, cfg, fn, timeout):
+    """Connect on a helper thread; turn its failures into BackendErrors."""
+    try:
+        return (yield ("call", fn, timeout + 1, _close))
+    except TimeoutError:
+        raise RetryableError(BackendError("connecting to %s timed out" % tgt.host_header, status=504,
+                                          kind="upstream_timeout", reason="timeout")) from None
+    except ssl.SSLCertVerificationError as e:
+        # not retried: another attempt meets the same certificate
+        raise BackendError("TLS certificate of %s not trusted: %s" % (tgt.host_header,
+                           e.verify_message or e.reason), reason="network") from None
+    except Exception as e:  # socket.gaierror, refused, TLS failures, urllib3 errors
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise RetryableError(BackendError("cannot connect to %s: %s" % (tgt.host_header, reason),
+                                          reason="network")) from None
+
+
 def _attempt(tgt, cfg, method, path, headers, payload, secrets):
+    mode = cfg["upstream.http2"]
+    h2 = None
+    if mode != "false" and not tgt.api_socket:
+        from backends import _h2
+        h2 = _h2 if _h2.available() else None
     for fresh in (False, True):
         sock = None if fresh else tgt.checkout()
         reused = sock is not None
+        stream = None
+        if sock is None and h2 is not None and (tgt.scheme == "https" or mode == "true"):
+            # HTTP/2: ALPN h2 over TLS (HTTP/1.1 if the upstream prefers it), or
+            # h2c with prior knowledge over plain TCP when http2 is "true".
+            timeout = cfg["upstream.connect_timeout"]
+            fn = h2.connect_tls if tgt.scheme == "https" else h2.connect_plain
+            sock = yield from _connect(tgt, cfg, lambda: fn(tgt, timeout), timeout)
+            if tgt.scheme == "http" or sock.selected_alpn_protocol() == "h2":
+                stream = h2.H2Stream(tgt, sock, cfg)
         if sock is None:
             if tgt.api_socket:
                 try:
@@ -628,20 +659,9 @@ def _attempt(tgt, cfg, method, path, headers, payload, secrets):
                     raise RetryableError(e) from None
             else:
                 timeout = cfg["upstream.connect_timeout"]
-                try:
-                    sock = yield ("call", lambda: tgt.connect_blocking(timeout), timeout + 1, _close)
-                except TimeoutError:
-                    raise RetryableError(BackendError("connecting to %s timed out" % tgt.host_header, status=504,
-                                                      kind="upstream_timeout", reason="timeout")) from None
-                except ssl.SSLCertVerificationError as e:
-                    # not retried: another attempt meets the same certificate
-                    raise BackendError("TLS certificate of %s not trusted: %s" % (tgt.host_header,
-                                       e.verify_message or e.reason), reason="network") from None
-                except Exception as e:  # socket.gaierror, refused, TLS failures, urllib3 errors
-                    reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-                    raise RetryableError(BackendError("cannot connect to %s: %s" % (tgt.host_header, reason),
-                                                      reason="network")) from None
-        stream = Stream(tgt, sock, cfg, reused)
+                sock = yield from _connect(tgt, cfg, lambda: tgt.connect_blocking(timeout), timeout)
+        if stream is None:
+            stream = Stream(tgt, sock, cfg, reused)
         try:
             yield from stream.send_request(method, path, headers, payload)
             yield from stream.read_head()

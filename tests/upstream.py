@@ -44,6 +44,7 @@ class Recorded:
         self.hung_up = threading.Event()
         self.hung_up_at = None
         self.bytes_sent = 0
+        self.protocol = "http/1.1"
         self.finished = threading.Event()
 
 
@@ -165,7 +166,7 @@ def route(path):
 
 class TestUpstream:
     __test__ = False  # not a pytest test class
-    def __init__(self, tls_context=None, unix_path=None):
+    def __init__(self, tls_context=None, unix_path=None, h2=False):
         if unix_path:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.sock.bind(unix_path)
@@ -175,6 +176,7 @@ class TestUpstream:
             self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(4096)
         self.tls = tls_context
+        self.h2 = h2  # speak HTTP/2: h2c prior knowledge, or h2 when ALPN picks it
         self.unix_path = unix_path
         self.port = None if unix_path else self.sock.getsockname()[1]
         self.requests = []
@@ -216,6 +218,8 @@ class TestUpstream:
                     time.sleep(self.handshake_delay)
                 conn = self.tls.wrap_socket(conn, server_side=True)
                 self.conns.append(conn)
+            if self.h2 and (not self.tls or conn.selected_alpn_protocol() == "h2"):
+                return self.serve_h2(conn)
             buf = b""
             while not self.stopped:
                 req, buf = self.read_request(conn, buf)
@@ -225,6 +229,10 @@ class TestUpstream:
                     return
         except (OSError, ssl.SSLError):
             return
+        except Exception as e:  # h2 protocol errors: the client went away mid-frame
+            if type(e).__module__.startswith("h2"):
+                return
+            raise
         finally:
             try:
                 conn.close()
@@ -290,19 +298,18 @@ class TestUpstream:
         rec.bytes_sent += len(data)
         return True
 
-    def respond(self, conn, rec):
+    def plan(self, rec):
+        """What to answer, whatever the protocol: ("json", code, extra headers, body),
+        ("nohead",), or ("sse", events, options)."""
         if rec.path.endswith("/threads") and rec.body is not None:
-            body = json.dumps({"thread_id": rec.body.get("thread_id")}).encode()
-            return self.send(conn, rec, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            return ("json", 200, {}, json.dumps({"thread_id": rec.body.get("thread_id")}).encode())
         fmt = route(rec.path)
         pattern = rec.headers.get("x-test-pattern", "")
         name, _, arg = pattern.partition(":")
         if fmt is None:
-            return self.send(conn, rec, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+            return ("json", 404, {}, b"")
         if name == "nohead":
-            self.wait_hangup(conn, rec, 30)
-            return False
+            return ("nohead",)
         if name == "fail":
             # fail:N:CODE[:RETRY_AFTER[:SHOULD_RETRY]]: the first N requests with this
             # pattern get CODE, later ones the default stream
@@ -311,21 +318,17 @@ class TestUpstream:
                 self.failed[pattern] = self.failed.get(pattern, 0) + 1
                 failing = self.failed[pattern] <= int(parts[0])
             if failing:
-                code = int(parts[1])
-                extra = b""
+                extra = {}
                 if len(parts) > 2 and parts[2]:
-                    extra += b"retry-after: %s\r\n" % parts[2].encode()
+                    extra["retry-after"] = parts[2]
                 if len(parts) > 3:
-                    extra += b"x-should-retry: %s\r\n" % parts[3].encode()
-                body = json.dumps(fmt.status_body(code)).encode()
-                return self.send(conn, rec, b"HTTP/1.1 %d Error\r\nContent-Type: application/json\r\n%s"
-                                            b"Content-Length: %d\r\n\r\n%s" % (code, extra, len(body), body))
+                    extra["x-should-retry"] = parts[3]
+                code = int(parts[1])
+                return ("json", code, extra, json.dumps(fmt.status_body(code)).encode())
             name = ""
         if name == "status":
             code = int(arg)
-            body = json.dumps(fmt.status_body(code)).encode()
-            return self.send(conn, rec, b"HTTP/1.1 %d Error\r\nContent-Type: application/json\r\n"
-                                        b"retry-after: 7\r\nContent-Length: %d\r\n\r\n%s" % (code, len(body), body))
+            return ("json", code, {"retry-after": "7"}, json.dumps(fmt.status_body(code)).encode())
         pieces, finish, end, delay = list(WORDS), "stop", True, 0.0
         cut_connection = error = False
         if name == "unicode":
@@ -344,7 +347,6 @@ class TestUpstream:
             pieces, error = WORDS[:2], True
         elif name == "flood":
             pieces = ["y" * 1024] * int(arg)
-        framing = {"length": "length", "eof": "eof"}.get(name, "chunked")
         events = [fmt.start()] + [fmt.content(p) for p in pieces]
         if error:
             events.append(fmt.error())
@@ -353,6 +355,23 @@ class TestUpstream:
                 events.append(fmt.finish(finish, len(pieces), rec.body or {}))
             if end:
                 events.append(fmt.end())
+        return ("sse", [e for e in events if e], {
+            "name": name, "arg": arg, "delay": delay, "cut": cut_connection,
+            "framing": {"length": "length", "eof": "eof"}.get(name, "chunked")})
+
+    def respond(self, conn, rec):
+        """HTTP/1.1."""
+        plan = self.plan(rec)
+        if plan[0] == "nohead":
+            self.wait_hangup(conn, rec, 30)
+            return False
+        if plan[0] == "json":
+            _, code, extra, body = plan
+            head = "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n" % (code, "OK" if code == 200 else "Error")
+            head += "".join("%s: %s\r\n" % kv for kv in extra.items())
+            return self.send(conn, rec, (head + "Content-Length: %d\r\n\r\n" % len(body)).encode() + body)
+        _, events, o = plan
+        name, framing = o["name"], o["framing"]
         head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
         if framing == "chunked":
             head += "Transfer-Encoding: chunked\r\n"
@@ -366,9 +385,7 @@ class TestUpstream:
             self.wait_hangup(conn, rec, 30)
             return False
         for i, ev in enumerate(events):
-            if not ev:
-                continue
-            if i > 1 and delay and self.wait_hangup(conn, rec, delay):
+            if i > 1 and o["delay"] and self.wait_hangup(conn, rec, o["delay"]):
                 return False
             if framing != "chunked":
                 out = ev
@@ -378,17 +395,85 @@ class TestUpstream:
                 out = b"%x\r\n%s\r\n" % (len(ev), ev)
             if not self.send(conn, rec, out):
                 return False
-        if cut_connection:
+        if o["cut"]:
             rec.finished.set()
             conn.shutdown(socket.SHUT_RDWR)
             return False
         if framing == "chunked":
-            if name == "lateend" and self.wait_hangup(conn, rec, int(arg) / 1000):
+            if name == "lateend" and self.wait_hangup(conn, rec, int(o["arg"]) / 1000):
                 return False
             if not self.send(conn, rec, b"0\r\n\r\n"):
                 return False
         rec.finished.set()
         return framing != "eof"
+
+    # -- HTTP/2 (h2c prior knowledge, or ALPN h2 over TLS) --
+
+    def serve_h2(self, conn):
+        import h2.config
+        import h2.connection
+        import h2.events
+        c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+        c.initiate_connection()
+        conn.sendall(c.data_to_send())
+        pending = {}
+        while not self.stopped:
+            data = conn.recv(65536)
+            if not data:
+                return
+            for e in c.receive_data(data):
+                if isinstance(e, h2.events.RequestReceived):
+                    pending[e.stream_id] = [dict(e.headers), b""]
+                elif isinstance(e, h2.events.DataReceived):
+                    pending[e.stream_id][1] += e.data
+                    c.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+                elif isinstance(e, h2.events.StreamEnded):
+                    headers, body = pending.pop(e.stream_id)
+                    rec = Recorded(headers[":path"], {k: v for k, v in headers.items() if not k.startswith(":")},
+                                   json.loads(body) if body else None)
+                    rec.headers["host"] = headers.get(":authority", "")
+                    rec.protocol = "h2"
+                    with self.lock:
+                        self.requests.append(rec)
+                    conn.sendall(c.data_to_send())
+                    if not self.respond_h2(conn, c, e.stream_id, rec):
+                        return
+            conn.sendall(c.data_to_send())
+
+    def respond_h2(self, conn, c, sid, rec):
+        plan = self.plan(rec)
+        if plan[0] == "nohead":
+            self.wait_hangup(conn, rec, 30)
+            return False
+        if plan[0] == "json":
+            _, code, extra, body = plan
+            c.send_headers(sid, [(":status", str(code)), ("content-type", "application/json"),
+                                 ("content-length", str(len(body)))] + list(extra.items()))
+            c.send_data(sid, body, end_stream=True)
+            return self.send(conn, rec, c.data_to_send())
+        _, events, o = plan
+        c.send_headers(sid, [(":status", "200"), ("content-type", "text/event-stream")])
+        if not self.send(conn, rec, c.data_to_send()):
+            return False
+        if o["name"] == "silent":
+            self.wait_hangup(conn, rec, 30)
+            return False
+        for i, ev in enumerate(events):
+            if i > 1 and o["delay"] and self.wait_hangup(conn, rec, o["delay"]):
+                return False
+            frames = [ev[j:j + 1] for j in range(len(ev))] if o["name"] == "short" else [ev]
+            for f in frames:
+                c.send_data(sid, f)
+            if not self.send(conn, rec, c.data_to_send()):
+                return False
+        if o["cut"]:
+            c.reset_stream(sid)  # an HTTP/2 stream that breaks off
+            self.send(conn, rec, c.data_to_send())
+            rec.finished.set()
+            return True
+        c.end_stream(sid)
+        rec.finished.set()
+        return self.send(conn, rec, c.data_to_send())
 
     def last(self):
         with self.lock:

@@ -1,0 +1,132 @@
+"""HTTP/2 upstreams (the h2 package): h2c with prior knowledge (upstream.http2:
+true) and ALPN h2 over TLS (auto).  The conformance cases, over HTTP/2."""
+import json
+import ssl
+import time
+
+import pytest
+
+from conftest import client
+from upstream import TestUpstream, WORDS, UNICODE
+from test_backends import contents, stream, settings, PROVIDERS, ca  # noqa: F401  (fixture)
+
+pytest.importorskip("h2")
+
+
+@pytest.fixture
+def h2up():
+    servers = []
+
+    def start(**kw):
+        s = TestUpstream(h2=True, **kw)
+        servers.append(s)
+        return s
+    yield start
+    for s in servers:
+        s.close()
+
+
+def h2c(name, up, **extra):
+    return settings(name, up, upstream__http2="true", **extra)
+
+
+@pytest.mark.parametrize("name", PROVIDERS)
+@pytest.mark.parametrize("pattern, expected", [("", "".join(WORDS)), ("unicode", "".join(UNICODE)),
+                                               ("short", "".join(WORDS)), ("long", "x" * 4096 * 3)])
+def test_h2c_streams(daemon, h2up, name, pattern, expected, fdcheck):
+    up = h2up()
+    ip = daemon(**h2c(name, up))
+    c = stream(ip, {"prompt": "Hi", "test_pattern": pattern})
+    assert contents(c) == (expected, True, None)
+    rec = up.last()
+    assert rec.protocol == "h2" and rec.headers.get("x-test-pattern", "") == pattern
+    assert rec.body is not None  # the JSON body arrived over DATA frames
+    c.close()
+    ip.pump(lambda: not ip.d.conns)
+    ip.close()
+    up.close()
+    fdcheck.assert_no_leak()
+
+
+@pytest.mark.parametrize("name", PROVIDERS)
+@pytest.mark.parametrize("pattern", ["abort:3", "cut:3", "error"])
+def test_h2c_incomplete_stream_is_an_error(daemon, h2up, name, pattern):
+    up = h2up()
+    ip = daemon(**h2c(name, up))
+    c = stream(ip, {"test_pattern": pattern})
+    text, done, error = contents(c)
+    assert not done and error is not None
+
+
+@pytest.mark.parametrize("code, status", [(500, 502), (429, 503)])
+def test_h2c_error_status(daemon, h2up, code, status):
+    up = h2up()
+    ip = daemon(**h2c("openai", up))
+    c = stream(ip, {"test_pattern": "status:%d" % code})
+    r = c.parsed()
+    assert r.status == status and "upstream answered %d" % code in json.loads(r.body)["error"]["message"]
+
+
+def test_h2c_client_vanishes_upstream_sees_reset(daemon, h2up):
+    up = h2up()
+    ip = daemon(**h2c("openai", up))
+    c = client(ip.path, {"test_pattern": "slow:300"})
+    ip.pump(lambda: c.has(b'"content"'))
+    c.close()
+    ip.pump(lambda: not ip.d.conns)
+    assert up.last().hung_up.wait(1.0)
+
+
+def test_h2c_silent_upstream_times_out(daemon, h2up):
+    up = h2up()
+    ip = daemon(**h2c("openai", up, server__heartbeat_interval=0.0))
+    c = client(ip.path, {"test_pattern": "silent"})
+    ip.pump(lambda: c.has(b"\r\n\r\n"))
+    ip.clock.advance(60)
+    ip.pump(c.done)
+    assert contents(c)[2]["type"] == "timeout"
+
+
+def test_h2c_retry_then_success(daemon, h2up):
+    up = h2up()
+    ip = daemon(**h2c("openai", up, upstream__max_retries=2))
+    c = client(ip.path, {"test_pattern": "fail:1:503"})
+    ip.pump(c.done, advance=0.05)
+    assert contents(c)[1] and len(up.requests) == 2
+
+
+def tls_h2(h2up, ca, alpn):
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(ctx)
+    ctx.set_alpn_protocols(alpn)
+    return h2up(tls_context=ctx)
+
+
+@pytest.mark.parametrize("name", PROVIDERS)
+def test_alpn_h2_over_tls(daemon, h2up, ca, name):
+    up = tls_h2(h2up, ca, ["h2", "http/1.1"])
+    ip = daemon(**settings(name, up, upstream__insecure_ssl=True, upstream__http2="auto"))
+    c = stream(ip, {"test_pattern": "unicode"})
+    assert contents(c) == ("".join(UNICODE), True, None)
+    assert up.last().protocol == "h2"
+
+
+def test_alpn_falls_back_to_http1(daemon, h2up, ca):
+    up = tls_h2(h2up, ca, ["http/1.1"])
+    ip = daemon(**settings("openai", up, upstream__insecure_ssl=True, upstream__http2="auto"))
+    c = stream(ip, {})
+    assert contents(c)[1] and up.last().protocol == "http/1.1"
+
+
+def test_http2_false_keeps_http1(daemon, h2up, ca):
+    up = tls_h2(h2up, ca, ["h2", "http/1.1"])
+    ip = daemon(**settings("openai", up, upstream__insecure_ssl=True, upstream__http2="false"))
+    c = stream(ip, {})
+    assert contents(c)[1] and up.last().protocol == "http/1.1"
+
+
+def test_alpn_h2_verifies_certificates(daemon, h2up, ca):
+    up = tls_h2(h2up, ca, ["h2", "http/1.1"])
+    ip = daemon(**settings("openai", up, upstream__http2="auto"))  # verification on; CA not trusted
+    c = stream(ip, {})
+    assert c.parsed().status == 502 and "certificate" in json.loads(c.parsed().body)["error"]["message"]
