@@ -256,7 +256,7 @@ def test_access_log_line(daemon_proc):
     d.signal(signal.SIGTERM)
     d.wait()
     line = [l for l in d.logs().splitlines() if 'msg="stream done"' in l][0]
-    assert "request_id=req-7 backend=mock status=200" in line and "chunks=19" in line
+    assert "request_id=req-7 backend=mock status=200" in line and "chunks=18" in line
     assert "outcome=done" in line and "ttfb_ms=" in line and "duration_ms=" in line
     assert "secret" not in d.logs()
 
