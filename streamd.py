@@ -1232,6 +1232,12 @@ class Connection:
 #                                       resuming the generator for each event
 #   ("head",)                           send the 200 head now (else: at the first event)
 #   ("now",)                            resume with the loop's clock (tests fake it)
+#   ("park", timeout|None, channel)     wait until something calls channel.wake(value,
+#                                       exc), a method the loop installs: for streams
+#                                       that share one upstream connection
+#   ("loop",)                           resume with the Daemon, for an object shared
+#                                       by many streams (a multiplexed HTTP/2
+#                                       connection) that watches its own socket
 #   ("count", "upstream_retries")       add one to that per-backend metric
 #   ("readable", sock, timeout|None)    resume when sock is readable
 #   ("writable", sock, timeout|None)    resume when sock is writable
@@ -1245,6 +1251,22 @@ class Connection:
 # "send_done": False to end without the [DONE] marker (raw pass-through).
 
 STEP_BUDGET = 64  # operations one generator may run per pass before others get a turn
+
+
+class Parked:
+    """What a ("park", …) operation waits on; its wake() resumes the backend."""
+    __slots__ = ("daemon", "conn")
+
+    def __init__(self, daemon, conn):
+        self.daemon, self.conn = daemon, conn
+
+    def wake(self, value=None, exc=None) -> None:
+        conn = self.conn
+        if conn.waiting is self:  # still parked here (not closed, not timed out)
+            conn.waiting = None
+            self.daemon.timers.cancel(conn.t_backend)
+            conn.t_backend = None
+            self.daemon.runnable.append((conn, value, exc))
 
 
 class HelperPool:
@@ -1800,6 +1822,7 @@ class Daemon(LoopBase):
             "sleep": self._op_sleep, "event": self._op_event, "raw": self._op_raw,
             "head": self._op_head, "readable": self._op_readable, "writable": self._op_writable,
             "call": self._op_call, "paced": self._op_paced, "now": self._op_now, "count": self._op_count,
+            "park": self._op_park, "loop": self._op_loop,
         }
         self.helpers = None  # HelperPool, made on the first "call"
         self.breakers = {}   # backend name -> Breaker
@@ -2199,6 +2222,24 @@ class Daemon(LoopBase):
     def _op_now(self, conn, op):
         return self.clock()
 
+    def _op_loop(self, conn, op):
+        return self
+
+    def _op_park(self, conn, op):
+        _, timeout, channel = op
+        parked = Parked(self, conn)
+        channel.wake = parked.wake
+        conn.waiting = parked
+        if timeout is not None:
+            conn.t_backend = self.timers.call_later(timeout, self.park_timed_out, conn)
+        return PARK
+
+    def park_timed_out(self, conn) -> None:
+        conn.t_backend = None
+        if isinstance(conn.waiting, Parked):
+            conn.waiting = None
+            self.runnable.append((conn, None, TimeoutError("upstream did not answer in time")))
+
     def _op_count(self, conn, op):
         getattr(self.stats, op[1])[conn.backend_name] += 1
         return None
@@ -2308,6 +2349,8 @@ class Daemon(LoopBase):
         conn.t_backend = None
         if isinstance(conn.waiting, HelperPool.Job):
             conn.waiting.cancelled = True  # its result is cleaned up when it arrives
+            conn.waiting = None
+        elif isinstance(conn.waiting, Parked):
             conn.waiting = None
         elif conn.waiting is not None:
             # Unregister before the generator closes the socket in its finally.

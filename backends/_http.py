@@ -337,6 +337,8 @@ def close_all() -> None:
     for t in _targets.values():
         while t.idle:
             t.idle.pop()[0].close()
+        for mux in list(getattr(t, "h2", ())):
+            mux.close()
     _targets.clear()
 
 
@@ -644,23 +646,25 @@ def _attempt(tgt, cfg, method, path, headers, payload, secrets):
         reused = sock is not None
         stream = None
         if sock is None and h2 is not None and (tgt.scheme == "https" or mode == "true"):
-            # HTTP/2: ALPN h2 over TLS (HTTP/1.1 if the upstream prefers it), or
-            # h2c with prior knowledge over plain TCP when http2 is "true".
+            # HTTP/2: a stream on a connection that has room, else a new
+            # connection: ALPN h2 over TLS (HTTP/1.1 if the upstream prefers
+            # it), or h2c with prior knowledge over plain TCP (http2 "true").
             timeout = cfg["upstream.connect_timeout"]
             fn = h2.connect_tls if tgt.scheme == "https" else h2.connect_plain
-            sock = yield from _connect(tgt, cfg, lambda: fn(tgt, timeout), timeout)
-            if tgt.scheme == "http" or sock.selected_alpn_protocol() == "h2":
-                stream = h2.H2Stream(tgt, sock, cfg)
-        if sock is None:
-            if tgt.api_socket:
-                try:
-                    sock = tgt.connect_unix()
-                except BackendError as e:
-                    raise RetryableError(e) from None
-            else:
-                timeout = cfg["upstream.connect_timeout"]
-                sock = yield from _connect(tgt, cfg, lambda: tgt.connect_blocking(timeout), timeout)
+            mux, sock = yield from h2.acquire(tgt, cfg, lambda: _connect(tgt, cfg, lambda: fn(tgt, timeout), timeout))
+            if mux is not None:
+                stream = h2.H2Stream(mux, cfg)
+                reused = True  # a dead shared connection before any answer: one fresh try
         if stream is None:
+            if sock is None:
+                if tgt.api_socket:
+                    try:
+                        sock = tgt.connect_unix()
+                    except BackendError as e:
+                        raise RetryableError(e) from None
+                else:
+                    timeout = cfg["upstream.connect_timeout"]
+                    sock = yield from _connect(tgt, cfg, lambda: tgt.connect_blocking(timeout), timeout)
             stream = Stream(tgt, sock, cfg, reused)
         try:
             yield from stream.send_request(method, path, headers, payload)

@@ -130,3 +130,64 @@ def test_alpn_h2_verifies_certificates(daemon, h2up, ca):
     ip = daemon(**settings("openai", up, upstream__http2="auto"))  # verification on; CA not trusted
     c = stream(ip, {})
     assert c.parsed().status == 502 and "certificate" in json.loads(c.parsed().body)["error"]["message"]
+
+
+# ---- multiplexing: many streams, one connection ----
+
+def test_concurrent_streams_share_one_connection(daemon, h2up):
+    up = h2up()
+    ip = daemon(**h2c("openai", up))
+    clients = [client(ip.path, {"test_pattern": "slow:50"}) for _ in range(10)]
+    ip.pump(lambda: all(c.done() for c in clients), timeout=15)
+    for c in clients:
+        assert contents(c) == ("".join(WORDS), True, None)
+    assert up.connections == 1 and len(up.requests) == 10
+
+
+def test_upstream_reset_of_one_stream_leaves_the_others(daemon, h2up):
+    up = h2up()
+    ip = daemon(**h2c("openai", up))
+    others = [client(ip.path, {"test_pattern": "slow:50"}) for _ in range(3)]
+    ip.pump(lambda: all(c.has(b'"content"') for c in others))
+    broken = client(ip.path, {"test_pattern": "abort:3"})  # the upstream resets this stream
+    ip.pump(lambda: broken.done() and all(c.done() for c in others), timeout=15)
+    text, done, error = contents(broken)
+    assert not done and "reset" in error["message"]
+    for c in others:
+        assert contents(c)[1], "a reset of one stream must not touch the others"
+    assert up.connections == 1
+
+
+def test_client_leaving_resets_only_its_stream(daemon, h2up):
+    up = h2up()
+    ip = daemon(**h2c("openai", up))
+    leaving = client(ip.path, {"test_pattern": "slow:100"})
+    staying = client(ip.path, {"test_pattern": "slow:100"})
+    ip.pump(lambda: leaving.has(b'"content"') and staying.has(b'"content"'))
+    leaving.close()
+    ip.pump(staying.done, timeout=15)
+    assert contents(staying)[1]
+    hung = [r for r in up.requests if r.hung_up.is_set()]
+    assert len(hung) == 1 and up.connections == 1
+
+
+def test_max_concurrent_streams_opens_another_connection(daemon, h2up):
+    up = h2up()
+    up.h2_max_streams = 2
+    ip = daemon(**h2c("openai", up))
+    clients = [client(ip.path, {"test_pattern": "slow:50"}) for _ in range(4)]
+    ip.pump(lambda: all(c.done() for c in clients), timeout=15)
+    assert all(contents(c)[1] for c in clients)
+    assert up.connections == 2
+
+
+def test_dead_connection_is_replaced(daemon, h2up):
+    up = h2up()
+    ip = daemon(**h2c("openai", up))
+    c = stream(ip, {})
+    assert contents(c)[1]
+    for s in list(up.conns):  # the server drops the connection
+        s.close()
+    ip.run_for(20)
+    c = stream(ip, {})
+    assert contents(c)[1] and up.connections == 2

@@ -177,6 +177,7 @@ class TestUpstream:
         self.sock.listen(4096)
         self.tls = tls_context
         self.h2 = h2  # speak HTTP/2: h2c prior knowledge, or h2 when ALPN picks it
+        self.h2_max_streams = None  # SETTINGS_MAX_CONCURRENT_STREAMS to announce
         self.unix_path = unix_path
         self.port = None if unix_path else self.sock.getsockname()[1]
         self.requests = []
@@ -410,70 +411,115 @@ class TestUpstream:
     # -- HTTP/2 (h2c prior knowledge, or ALPN h2 over TLS) --
 
     def serve_h2(self, conn):
+        """One reader thread per connection feeds h2; each request is answered
+        by its own thread, so streams interleave on the connection."""
         import h2.config
         import h2.connection
         import h2.events
         c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
-        c.initiate_connection()
-        conn.sendall(c.data_to_send())
-        pending = {}
-        while not self.stopped:
-            data = conn.recv(65536)
-            if not data:
-                return
-            for e in c.receive_data(data):
-                if isinstance(e, h2.events.RequestReceived):
-                    pending[e.stream_id] = [dict(e.headers), b""]
-                elif isinstance(e, h2.events.DataReceived):
-                    pending[e.stream_id][1] += e.data
-                    c.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
-                elif isinstance(e, h2.events.StreamEnded):
-                    headers, body = pending.pop(e.stream_id)
-                    rec = Recorded(headers[":path"], {k: v for k, v in headers.items() if not k.startswith(":")},
-                                   json.loads(body) if body else None)
-                    rec.headers["host"] = headers.get(":authority", "")
-                    rec.protocol = "h2"
-                    with self.lock:
-                        self.requests.append(rec)
-                    conn.sendall(c.data_to_send())
-                    if not self.respond_h2(conn, c, e.stream_id, rec):
-                        return
+        lock = threading.Lock()
+        if self.h2_max_streams:  # announced in the first SETTINGS frame
+            import h2.settings
+            c.local_settings = h2.settings.Settings(client=False, initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.h2_max_streams})
+        with lock:
+            c.initiate_connection()
             conn.sendall(c.data_to_send())
+        pending, resets = {}, {}
+        try:
+            while not self.stopped:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                with lock:
+                    events = c.receive_data(data)
+                    conn.sendall(c.data_to_send())
+                for e in events:
+                    if isinstance(e, h2.events.RequestReceived):
+                        pending[e.stream_id] = [dict(e.headers), b""]
+                        resets[e.stream_id] = threading.Event()
+                    elif isinstance(e, h2.events.DataReceived):
+                        pending[e.stream_id][1] += e.data
+                        with lock:
+                            c.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+                            conn.sendall(c.data_to_send())
+                    elif isinstance(e, h2.events.StreamEnded) and e.stream_id in pending:
+                        headers, body = pending.pop(e.stream_id)
+                        rec = Recorded(headers[":path"], {k: v for k, v in headers.items() if not k.startswith(":")},
+                                       json.loads(body) if body else None)
+                        rec.headers["host"] = headers.get(":authority", "")
+                        rec.protocol = "h2"
+                        rec.reset = resets[e.stream_id]
+                        with self.lock:
+                            self.requests.append(rec)
+                        threading.Thread(target=self.respond_h2, args=(conn, c, lock, e.stream_id, rec),
+                                         daemon=True).start()
+                    elif isinstance(e, h2.events.StreamReset) and e.stream_id in resets:
+                        resets[e.stream_id].set()
+        finally:
+            for ev in resets.values():
+                ev.set()  # the connection is gone: every stream's client too
 
-    def respond_h2(self, conn, c, sid, rec):
+    def h2_send(self, conn, c, lock, rec, fn):
+        """Run fn(c) under the connection lock and send what it produced."""
+        if rec.reset.is_set():
+            self.mark_hangup(rec)
+            return False
+        try:
+            with lock:
+                fn(c)
+                out = c.data_to_send()
+                conn.sendall(out)
+        except Exception:  # the stream or connection is gone (h2 StreamClosedError, OSError)
+            self.mark_hangup(rec)
+            return False
+        rec.bytes_sent += len(out)
+        return True
+
+    def mark_hangup(self, rec):
+        if not rec.hung_up.is_set():
+            rec.hung_up_at = time.monotonic()
+            rec.hung_up.set()
+
+    def h2_wait(self, rec, seconds):
+        """Sleep, noticing a reset of this stream (the client went away)."""
+        if rec.reset.wait(seconds):
+            self.mark_hangup(rec)
+            return True
+        return False
+
+    def respond_h2(self, conn, c, lock, sid, rec):
         plan = self.plan(rec)
         if plan[0] == "nohead":
-            self.wait_hangup(conn, rec, 30)
-            return False
+            self.h2_wait(rec, 30)
+            return
         if plan[0] == "json":
             _, code, extra, body = plan
-            c.send_headers(sid, [(":status", str(code)), ("content-type", "application/json"),
-                                 ("content-length", str(len(body)))] + list(extra.items()))
-            c.send_data(sid, body, end_stream=True)
-            return self.send(conn, rec, c.data_to_send())
+            self.h2_send(conn, c, lock, rec, lambda c: (
+                c.send_headers(sid, [(":status", str(code)), ("content-type", "application/json"),
+                                     ("content-length", str(len(body)))] + list(extra.items())),
+                c.send_data(sid, body, end_stream=True)))
+            return
         _, events, o = plan
-        c.send_headers(sid, [(":status", "200"), ("content-type", "text/event-stream")])
-        if not self.send(conn, rec, c.data_to_send()):
-            return False
+        if not self.h2_send(conn, c, lock, rec, lambda c: c.send_headers(
+                sid, [(":status", "200"), ("content-type", "text/event-stream")])):
+            return
         if o["name"] == "silent":
-            self.wait_hangup(conn, rec, 30)
-            return False
+            self.h2_wait(rec, 30)
+            return
         for i, ev in enumerate(events):
-            if i > 1 and o["delay"] and self.wait_hangup(conn, rec, o["delay"]):
-                return False
+            if i > 1 and o["delay"] and self.h2_wait(rec, o["delay"]):
+                return
             frames = [ev[j:j + 1] for j in range(len(ev))] if o["name"] == "short" else [ev]
             for f in frames:
-                c.send_data(sid, f)
-            if not self.send(conn, rec, c.data_to_send()):
-                return False
+                if not self.h2_send(conn, c, lock, rec, lambda c, f=f: c.send_data(sid, f)):
+                    return
         if o["cut"]:
-            c.reset_stream(sid)  # an HTTP/2 stream that breaks off
-            self.send(conn, rec, c.data_to_send())
+            self.h2_send(conn, c, lock, rec, lambda c: c.reset_stream(sid))  # breaks off this stream only
             rec.finished.set()
-            return True
-        c.end_stream(sid)
+            return
+        self.h2_send(conn, c, lock, rec, lambda c: c.end_stream(sid))
         rec.finished.set()
-        return self.send(conn, rec, c.data_to_send())
 
     def last(self):
         with self.lock:
