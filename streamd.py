@@ -331,7 +331,7 @@ OPTIONS = [
            help="helper threads for connection setup (DNS, connect, TLS): new connections/s x handshake time"),
     Option("upstream.max_idle", 32, p_int(0), "--upstream-max-idle", live=True,
            help="idle keep-alive connections kept per upstream"),
-    Option("upstream.http2", "false", p_choice("auto", "true", "false"), "--http2", live=True,
+    Option("upstream.http2", "auto", p_choice("auto", "true", "false"), "--http2", live=True,
            help="auto: offer h2 over TLS (ALPN) when the h2 package is installed; true: also h2c "
                 "for http:// (prior knowledge); false: HTTP/1.1 only, with keep-alive"),
     Option("upstream.max_retries", 2, p_int(0), "--max-retries", live=True,

@@ -191,3 +191,33 @@ def test_dead_connection_is_replaced(daemon, h2up):
     ip.run_for(20)
     c = stream(ip, {})
     assert contents(c)[1] and up.connections == 2
+
+
+def test_slow_client_pauses_only_its_stream(daemon, h2up):
+    """Per-stream flow control: data is acknowledged only when the client takes
+    it, so the upstream stops sending to a client that reads nothing, while
+    another stream on the same connection runs to the end."""
+    import socket as socketmod
+    from conftest import Client, raw_handoff
+    up = h2up()
+    ip = daemon(**h2c("openai", up))
+    mine, theirs = socketmod.socketpair()
+    for s in (mine, theirs):
+        s.setsockopt(socketmod.SOL_SOCKET, socketmod.SO_SNDBUF, 16384)
+        s.setsockopt(socketmod.SOL_SOCKET, socketmod.SO_RCVBUF, 16384)
+    raw_handoff(ip.path, json.dumps({"test_pattern": "flood:8000"}).encode(), [theirs.fileno()])
+    theirs.close()
+    mine.setblocking(False)
+    slow = Client(mine)
+    ip.pump(lambda: up.requests)
+    ip.run_for(400)
+    fast = client(ip.path, {"test_pattern": "slow:20"})
+    ip.pump(fast.done, timeout=15)
+    assert contents(fast)[1] and up.connections == 1
+    flood = [r for r in up.requests if r.headers.get("x-test-pattern") == "flood:8000"][0]
+    sent = flood.bytes_sent
+    ip.run_for(200)
+    assert flood.bytes_sent == sent and sent < 4 * 1024 * 1024, "upstream kept sending: %d" % sent
+    ip.pump(lambda: slow.done() if (slow.read() or True) else False, timeout=60)
+    text, done, error = contents(slow)
+    assert done and len(text) == 8000 * 1024

@@ -417,7 +417,7 @@ class TestUpstream:
         import h2.connection
         import h2.events
         c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
-        lock = threading.Lock()
+        lock = threading.Condition()  # guards c; notified when flow-control windows open
         if self.h2_max_streams:  # announced in the first SETTINGS frame
             import h2.settings
             c.local_settings = h2.settings.Settings(client=False, initial_values={
@@ -434,6 +434,8 @@ class TestUpstream:
                 with lock:
                     events = c.receive_data(data)
                     conn.sendall(c.data_to_send())
+                    if any(isinstance(e, h2.events.WindowUpdated) for e in events):
+                        lock.notify_all()
                 for e in events:
                     if isinstance(e, h2.events.RequestReceived):
                         pending[e.stream_id] = [dict(e.headers), b""]
@@ -459,6 +461,8 @@ class TestUpstream:
         finally:
             for ev in resets.values():
                 ev.set()  # the connection is gone: every stream's client too
+            with lock:
+                lock.notify_all()
 
     def h2_send(self, conn, c, lock, rec, fn):
         """Run fn(c) under the connection lock and send what it produced."""
@@ -512,6 +516,11 @@ class TestUpstream:
                 return
             frames = [ev[j:j + 1] for j in range(len(ev))] if o["name"] == "short" else [ev]
             for f in frames:
+                # Respect the client's flow-control window: wait for WINDOW_UPDATE.
+                with lock:
+                    while (not rec.reset.is_set() and not self.stopped
+                           and c.local_flow_control_window(sid) < len(f)):
+                        lock.wait(0.1)
                 if not self.h2_send(conn, c, lock, rec, lambda c, f=f: c.send_data(sid, f)):
                     return
         if o["cut"]:
