@@ -41,13 +41,8 @@ def connect_tls(target, timeout: float):
     selected_alpn_protocol() says which one the upstream chose."""
     from urllib3.util.connection import create_connection
     sock = create_connection((target.host, target.port), timeout=timeout)
-    ctx = ssl.create_default_context()
-    if target.insecure:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    ctx.set_alpn_protocols(["h2", "http/1.1"])
     try:
-        tls = ctx.wrap_socket(sock, server_hostname=target.host)
+        tls = target.tls_context(("h2", "http/1.1")).wrap_socket(sock, server_hostname=target.host)
     except BaseException:
         sock.close()
         raise
