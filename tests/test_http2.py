@@ -221,3 +221,13 @@ def test_slow_client_pauses_only_its_stream(daemon, h2up):
     ip.pump(lambda: slow.done() if (slow.read() or True) else False, timeout=60)
     text, done, error = contents(slow)
     assert done and len(text) == 8000 * 1024
+
+
+def test_goaway_moves_new_streams_to_a_new_connection(daemon, h2up):
+    up = h2up()
+    ip = daemon(**h2c("openai", up))
+    c = stream(ip, {"test_pattern": "goaway"})
+    assert contents(c)[1]
+    ip.run_for(20)  # the GOAWAY arrives
+    c = stream(ip, {})
+    assert contents(c)[1] and up.connections == 2 and len(up.requests) == 2

@@ -22,6 +22,7 @@ chunked SSE by default.  The X-Test-Pattern request header picks a scenario:
   length        Content-Length framing instead of chunked
   eof           no framing: Connection: close, body ends at EOF
   lateend:MS    MS milliseconds between the last event and the end of the framing
+  goaway        (HTTP/2) GOAWAY after the stream: the connection takes no new streams
 
 It records every request (path, headers, JSON body) and, per request, when
 the client hung up.
@@ -528,6 +529,8 @@ class TestUpstream:
             rec.finished.set()
             return
         self.h2_send(conn, c, lock, rec, lambda c: c.end_stream(sid))
+        if o["name"] == "goaway":  # then refuse new streams on this connection
+            self.h2_send(conn, c, lock, rec, lambda c: c.close_connection())
         rec.finished.set()
 
     def last(self):
