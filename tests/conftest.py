@@ -5,7 +5,6 @@ import array
 import gc
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -188,6 +187,20 @@ class Client:
 
 def client(path, data=b"", **kw):
     return Client(handoff_pair(path, data, **kw))
+
+
+def small_buffer_client(path, data=b"\0", size=4096):
+    """A client whose socket buffers are small, so back-pressure shows quickly."""
+    if isinstance(data, dict):
+        data = json.dumps(data).encode()
+    mine, theirs = socket.socketpair()
+    for s in (mine, theirs):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    raw_handoff(path, data, [theirs.fileno()])
+    theirs.close()
+    mine.setblocking(False)
+    return Client(mine)
 
 
 # ---- a real daemon process ----

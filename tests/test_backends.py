@@ -4,15 +4,12 @@ import json
 import os
 import socket
 import ssl
-import stat
-import sys
 import time
 
 import pytest
 
-from conftest import client, Client, raw_handoff
+from conftest import client, Client, small_buffer_client
 from upstream import TestUpstream, WORDS, UNICODE
-import streamd
 
 PROVIDERS = ["openai", "anthropic", "gemini", "langgraph"]
 PATHS = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages",
@@ -233,14 +230,7 @@ def test_slow_client_pauses_upstream_reading(daemon, upstream, name, tmp_path):
     up = upstream(unix_path=str(tmp_path / "up.sock"))
     ip = daemon(**{"backend__provider": name, "backend__%s__api_base" % name: "http://localhost",
                    "backend__%s__api_socket" % name: up.unix_path})
-    mine, theirs = socket.socketpair()
-    for s in (mine, theirs):
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-    raw_handoff(ip.path, json.dumps({"test_pattern": "flood:8000"}).encode(), [theirs.fileno()])
-    theirs.close()
-    mine.setblocking(False)
-    c = Client(mine)
+    c = small_buffer_client(ip.path, {"test_pattern": "flood:8000"}, size=16384)
     ip.pump(lambda: up.requests)
     ip.run_for(400)
     sent = up.last().bytes_sent

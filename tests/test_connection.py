@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from conftest import Client, client, handoff_pair
+from conftest import client, small_buffer_client
 import streamd
 
 
@@ -70,19 +70,6 @@ def test_mock_disconnect_mid_stream(daemon, fdcheck):
     assert ip.d.stats.failed == 1 and len(ip.d.timers) <= 1  # its sleep timer was cancelled
     ip.close()
     fdcheck.assert_no_leak()
-
-
-def small_buffer_client(path, data=b"\0"):
-    """A client whose socket buffers are small, so back-pressure shows quickly."""
-    mine, theirs = socket.socketpair()
-    for s in (mine, theirs):
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    from conftest import raw_handoff
-    raw_handoff(path, data, [theirs.fileno()])
-    theirs.close()
-    mine.setblocking(False)
-    return Client(mine)
 
 
 def test_backpressure_pauses_backend(daemon, probe_backend):

@@ -9,7 +9,7 @@ import tempfile
 
 import pytest
 
-from conftest import Client, client, raw_handoff, handoff_pair
+from conftest import Client, client, raw_handoff
 import streamd
 
 

@@ -2,7 +2,6 @@
 true) and ALPN h2 over TLS (auto).  The conformance cases, over HTTP/2."""
 import json
 import ssl
-import time
 
 import pytest
 
@@ -197,18 +196,10 @@ def test_slow_client_pauses_only_its_stream(daemon, h2up):
     """Per-stream flow control: data is acknowledged only when the client takes
     it, so the upstream stops sending to a client that reads nothing, while
     another stream on the same connection runs to the end."""
-    import socket as socketmod
-    from conftest import Client, raw_handoff
+    from conftest import small_buffer_client
     up = h2up()
     ip = daemon(**h2c("openai", up))
-    mine, theirs = socketmod.socketpair()
-    for s in (mine, theirs):
-        s.setsockopt(socketmod.SOL_SOCKET, socketmod.SO_SNDBUF, 16384)
-        s.setsockopt(socketmod.SOL_SOCKET, socketmod.SO_RCVBUF, 16384)
-    raw_handoff(ip.path, json.dumps({"test_pattern": "flood:8000"}).encode(), [theirs.fileno()])
-    theirs.close()
-    mine.setblocking(False)
-    slow = Client(mine)
+    slow = small_buffer_client(ip.path, {"test_pattern": "flood:8000"}, size=16384)
     ip.pump(lambda: up.requests)
     ip.run_for(400)
     fast = client(ip.path, {"test_pattern": "slow:20"})

@@ -10,8 +10,7 @@ import threading
 
 import pytest
 
-from conftest import STREAMD, ROOT, handoff_pair, read_until_eof, raw_handoff
-import streamd
+from conftest import STREAMD, handoff_pair, read_until_eof, raw_handoff
 
 
 def run_cli(*args, env=None, timeout=30):

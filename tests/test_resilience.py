@@ -7,8 +7,8 @@ import socket
 import pytest
 
 from conftest import client
-from upstream import TestUpstream, WORDS
-from test_backends import contents, stream, upstream  # noqa: F401  (fixture)
+from upstream import WORDS
+from test_backends import contents, upstream  # noqa: F401  (upstream is a fixture)
 import streamd
 
 
