@@ -61,14 +61,15 @@ def test_backoff_grows_with_full_jitter(daemon, upstream):
     ip.pump(lambda: len(up.requests) == 1)
     start = ip.clock.now
     ip.pump(c.done, advance=0.01, timeout=30)
-    assert len(up.requests) == 7 and ip.clock.now - start <= 0.5 + 1 + 2 + 4 + 8 + 8 + 0.1
+    assert len(up.requests) == 7 and ip.clock.now - start <= 0.5 + 1 + 2 + 4 + 8 + 8 + 1.0  # + pass granularity
 
 
 def test_retry_after_is_honoured(daemon, upstream):
     up = upstream()
     ip = daemon(**openai(up))
     c = client(ip.path, {"test_pattern": "fail:1:429:7"})
-    ip.pump(lambda: len(up.requests) == 1)
+    # wait until the daemon has read the 429 and started its wait (it counts the retry first)
+    ip.pump(lambda: ip.d.stats.upstream_retries["openai"] == 1)
     ip.clock.advance(6.9)
     ip.run_for(20)
     assert len(up.requests) == 1, "retried before the upstream's Retry-After"
