@@ -127,8 +127,8 @@ def p_duration(allow_zero: bool = False):
             raise ValueError
         if isinstance(v, (int, float)):
             seconds = float(v)
-        elif isinstance(v, str) and _DURATION.match(v):
-            num, unit = _DURATION.match(v).groups()
+        elif isinstance(v, str) and _DURATION.fullmatch(v):
+            num, unit = _DURATION.fullmatch(v).groups()
             seconds = float(num) * _DURATION_UNITS[unit]
         else:
             raise ValueError
@@ -144,8 +144,8 @@ def p_size(v):
         raise ValueError
     if isinstance(v, int):
         n = v
-    elif isinstance(v, str) and _SIZE.match(v):
-        num, unit = _SIZE.match(v).groups()
+    elif isinstance(v, str) and _SIZE.fullmatch(v):
+        num, unit = _SIZE.fullmatch(v).groups()
         n = int(num) * _SIZE_UNITS[(unit or "b").lower()]
     else:
         raise ValueError
@@ -221,7 +221,7 @@ def p_addr(v):
 
 @_parser("an http:// or https:// URL")
 def p_url(v):
-    if not isinstance(v, str) or not re.match(r"^https?://[^/?#\s]+(/[^?#\s]*)?$", v):
+    if not isinstance(v, str) or not re.fullmatch(r"https?://[^/?#\s]+(/[^?#\s]*)?", v):
         raise ValueError
     return v.rstrip("/")
 
@@ -437,14 +437,15 @@ def load_config(flags: dict | None = None, env=None, path: str | None = None) ->
 
 logger = logging.getLogger("streamd")
 LOG_CONTEXT = {}  # fields on every line, e.g. {"worker": 2} in a pre-forked worker
-_LOGFMT_BARE = re.compile(r"^[^\s\"=\\]+$")
+# (fullmatch everywhere: "$" would also match before a trailing newline)
+_LOGFMT_BARE = re.compile(r"[^\s\"=\\]+")
 
 
 def _logfmt_value(v) -> str:
     if type(v) is int:
         return str(v)  # the common case: no quoting needed
     s = v if isinstance(v, str) else repr(v) if isinstance(v, float) else str(v)
-    if s and _LOGFMT_BARE.match(s):
+    if s and _LOGFMT_BARE.fullmatch(s):
         return s
     return json.dumps(s, ensure_ascii=False)
 
@@ -576,6 +577,8 @@ def _check_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
 _FIELD_CHECKS = {
     # name: (check, what the client should have sent)
     "prompt": (_check_str, "a string"),
@@ -583,7 +586,8 @@ _FIELD_CHECKS = {
     "model": (_check_str, "a string"),
     "request_id": (_check_str, "a string"),
     "backend": (_check_str, "a string"),
-    "test_pattern": (_check_str, "a string"),
+    "test_pattern": (lambda v: isinstance(v, str) and not _CONTROL.search(v),
+                     "a string without control characters (it becomes an upstream header)"),
     "thread_id": (_check_str, "a string"),
     "assistant_id": (_check_str, "a string"),
     "max_tokens": (lambda v: _check_int(v) and v >= 1, "an integer >= 1"),
@@ -597,7 +601,7 @@ _FIELD_CHECKS = {
 }
 
 # RFC 9110 token characters, for response header names.
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # used with fullmatch, never with "$"
 # Controls other than HTAB may not appear in a header value (no CR/LF: no injection).
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # Headers a handoff may not set: ours, framing ones, and hop-by-hop ones.
@@ -611,7 +615,7 @@ def validate_headers(obj) -> tuple:
     kept, dropped = [], []
     for name, value in obj.items():
         lname = name.lower()
-        if (not isinstance(value, str) or not _TOKEN.match(name) or _BAD_VALUE.search(value)
+        if (not isinstance(value, str) or not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value)
                 or lname in BLOCKED_HEADERS
                 or lname.startswith("proxy-")):
             dropped.append(name)

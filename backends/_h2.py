@@ -334,6 +334,8 @@ class H2Stream(Stream):
         self.headers = hdrs
 
     def send_request(self, method: str, path: str, headers: dict, body: bytes):
+        from backends._http import check_headers
+        check_headers(headers)
         mux, timeout = self.mux, self.cfg["upstream.header_timeout"]
         scheme = "https" if isinstance(mux.sock, ssl.SSLSocket) else "http"
         fields = [(":method", method), (":path", path), (":scheme", scheme),

@@ -251,6 +251,18 @@ def error_message(body: bytes) -> str:
     return ""
 
 
+_UNSAFE = re.compile(r"[\r\n\x00]")
+
+
+def check_headers(headers: dict) -> None:
+    """No CR, LF or NUL in a request header: nothing may inject a header into
+    the upstream request (API keys come from config, test_pattern from handoffs)."""
+    for k, v in headers.items():
+        if _UNSAFE.search(k) or _UNSAFE.search(v):
+            raise BackendError("refusing to send header %r: it contains a line break or NUL" % k,
+                               status=500, kind="internal_error", reason="other")
+
+
 # ---- Where an upstream is, and how to connect to it ----
 
 class Target:
@@ -441,6 +453,7 @@ class Stream:
     # -- the exchange --
 
     def send_request(self, method: str, path: str, headers: dict, body: bytes):
+        check_headers(headers)
         lines = ["%s %s HTTP/1.1" % (method, path), "Host: " + self.target.host_header,
                  "User-Agent: streamd", "Accept-Encoding: identity"]
         if body is not None:

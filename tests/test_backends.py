@@ -453,3 +453,10 @@ def test_raw_stream_that_ends_with_nothing_left_to_send_is_closed(daemon, upstre
     c = stream(ip, {"test_pattern": "lateend:50"})  # the chunked terminator comes 50 ms later
     assert c.data.endswith(b"event: end\ndata: null\n\n")
     c.close()
+
+
+def test_no_header_injection_into_the_upstream_request(daemon, upstream):
+    up = upstream()
+    ip = daemon(**settings("openai", up, backend__openai__api_key="sk-bad\r\nX-Injected: 1"))
+    c = stream(ip, {})
+    assert c.parsed().status == 500 and not up.requests

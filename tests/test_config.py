@@ -19,7 +19,7 @@ def test_durations(raw, seconds):
     assert streamd.p_duration()(raw) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("raw", ["", "5x", "-1s", "s", True, [1], "1e3", "nan"])
+@pytest.mark.parametrize("raw", ["", "5x", "-1s", "s", True, [1], "1e3", "nan", "5s\nx"])
 def test_bad_durations(raw):
     with pytest.raises(ValueError):
         streamd.p_duration()(raw)
@@ -46,7 +46,7 @@ def test_modes():
 
 def test_addr():
     assert streamd.p_addr("") == "" and streamd.p_addr("[::1]:9090") == "[::1]:9090"
-    for bad in ("9090", "host:", "host:99999", ":80", 80):
+    for bad in ("9090", "host:", "host:99999", ":80", 80, "h:1\n"):
         with pytest.raises(ValueError):
             streamd.p_addr(bad)
 

@@ -67,6 +67,7 @@ def test_user_id_string_is_allowed():
     ({"langgraph_input": "x"}, "langgraph_input"),
     ({"stream_mode": [1]}, "stream_mode"),
     ({"backend": 3}, "backend"),
+    ({"test_pattern": "x\r\nX-Injected: 1"}, "test_pattern"),
 ])
 def test_wrong_type_names_the_field(obj, field):
     with pytest.raises(ProtocolError) as e:
@@ -194,3 +195,13 @@ def test_stream_reader_error_body_every_chunking():
 def test_response_header_with_a_non_string_value_is_dropped():
     req = parse_handoff(b'{"response_headers": {"X-Num": 5, "X-Ok": "y"}}')
     assert req.response_headers == [("X-Ok", "y")] and req.dropped_headers == ["X-Num"]
+
+
+def test_header_name_with_a_trailing_newline_is_dropped():
+    """Regression (found by hypothesis): re "$" matches before a final newline."""
+    kept, dropped = streamd.validate_headers({"X-A\n": "v", "X-B": "v\n"})
+    assert kept == [] and dropped == ["X-A\n", "X-B"]
+
+
+def test_logfmt_quotes_a_trailing_newline():
+    assert streamd._logfmt_value("abc\n") == '"abc\\n"'
