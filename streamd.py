@@ -1842,9 +1842,13 @@ class Daemon(LoopBase):
             timeout = None if deadline is None else max(0.0, deadline - self.clock())
             if max_wait is not None and (timeout is None or timeout > max_wait):
                 timeout = max_wait
-        # 2. Wait for I/O.  3. Dispatch it: key.data is the handler.
+        # 2. Wait for I/O.  3. Dispatch it: key.data is the handler.  A handler
+        #    may unregister a socket whose event is later in this same batch
+        #    (a client's EOF cancels its upstream): skip such stale events.
+        registered = self.selector.get_map()
         for key, mask in self.selector.select(timeout):
-            key.data(key.fileobj, mask)
+            if registered.get(key.fd) is key:
+                key.data(key.fileobj, mask)
         # 4. Fire due timers, and those due within TIMER_SLACK: with thousands
         #    of streams on the same cadence, one pass then serves many of them
         #    instead of one select() each (Linux and Go timers do the same).
@@ -2296,6 +2300,8 @@ class Daemon(LoopBase):
         return PARK
 
     def backend_io_ready(self, conn: Connection) -> None:
+        if conn.waiting is None or isinstance(conn.waiting, (HelperPool.Job, Parked)):
+            return  # no longer waiting on a socket (closed earlier in this pass)
         # Unregister at once: the backend may close or replace the socket before
         # it waits again, and a stale registration would block its fd number.
         self.selector.unregister(conn.waiting)
@@ -2735,8 +2741,10 @@ class Supervisor(LoopBase):
     def run_once(self, max_wait=None) -> None:
         deadline = self.timers.next_deadline()
         timeout = None if deadline is None else max(0.0, deadline - self.clock())
+        registered = self.selector.get_map()
         for key, mask in self.selector.select(timeout):
-            key.data(key.fileobj, mask)
+            if registered.get(key.fd) is key:  # not unregistered by an earlier handler
+                key.data(key.fileobj, mask)
         self.timers.run_due(self.clock())
 
     def on_report(self, sock, mask) -> None:

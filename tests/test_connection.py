@@ -371,3 +371,18 @@ def test_illegal_transition_names_event_and_state(daemon):
     conn = streamd.Connection(ip.d, None, 99)
     with pytest.raises(streamd.TransitionError, match="can't handle event 'head' in state RECEIVING"):
         conn.transition("head")
+
+
+def test_event_for_a_socket_unregistered_earlier_in_the_same_pass(daemon, probe_backend):
+    """Regression: the client's EOF and its upstream's readiness in one
+    select() batch.  Releasing the connection unregisters the upstream socket;
+    its event, already in the batch, must not be dispatched."""
+    a, b = socket.socketpair()
+    probe_backend(lambda req: iter([("event", {"content": "x"}), ("readable", a, None)]))
+    ip = daemon(backend__provider="probe")
+    c = client(ip.path, b"\0")
+    ip.pump(lambda: c.has(b'"x"'))
+    c.close()          # the client leaves (first in epoll's ready list) ...
+    b.send(b"ready")   # ... and the "upstream" becomes readable: both in the next select()
+    ip.pump(lambda: not ip.d.conns)
+    a.close(), b.close()
