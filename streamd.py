@@ -1788,6 +1788,16 @@ class LoopBase:
             if name:
                 getattr(self, "handle_" + name)()
 
+    def start_watchdog(self) -> None:
+        """With systemd's WatchdogSec: WATCHDOG=1 every half interval, from the
+        loop itself, so a stuck loop stops the pings and systemd restarts us."""
+        interval = watchdog_interval()
+        if interval:
+            def pet(_=None):
+                sd_notify("WATCHDOG=1")
+                self.timers.call_later(interval, pet)
+            pet()
+
     def close_signals(self) -> None:
         if self.wakeup_r is not None:
             signal.set_wakeup_fd(-1)
@@ -3258,12 +3268,7 @@ def supervise(cfg: dict, flags: dict, env: dict) -> int:
     except ConfigError as e:
         print("streamd: %s" % e, file=sys.stderr)
         return 2
-    interval = watchdog_interval()
-    if interval:
-        def pet(_=None):
-            sd_notify("WATCHDOG=1")
-            sup.timers.call_later(interval, pet)
-        pet()
+    sup.start_watchdog()
     sd_notify("READY=1")
     log(logging.INFO, "ready", version=__version__, workers=len(sup.workers), backend=cfg["backend.provider"],
         pid=os.getpid())
@@ -3319,12 +3324,7 @@ def main(argv=None) -> int:
             fd_limit=daemon.fd_limit)
     daemon.install_signals()
     daemon.probe_lag()
-    interval = watchdog_interval()
-    if interval:
-        def pet(_=None):
-            sd_notify("WATCHDOG=1")
-            daemon.timers.call_later(interval, pet)
-        pet()
+    daemon.start_watchdog()
     sd_notify("READY=1")
     log(logging.INFO, "ready", version=__version__, backend=cfg["backend.provider"],
         max_connections=daemon.max_connections, pid=os.getpid())
