@@ -2310,8 +2310,7 @@ class Daemon(LoopBase):
         return PARK
 
     def backend_io_ready(self, conn: Connection) -> None:
-        if conn.waiting is None or isinstance(conn.waiting, (HelperPool.Job, Parked)):
-            return  # no longer waiting on a socket (closed earlier in this pass)
+        # (Registered only while the backend waits on it: run_once drops stale events.)
         # Unregister at once: the backend may close or replace the socket before
         # it waits again, and a stale registration would block its fd number.
         self.selector.unregister(conn.waiting)

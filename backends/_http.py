@@ -211,27 +211,24 @@ def parse_head(block: bytes):
 
 
 def exact_retry_after(headers: dict):
-    """The upstream's retry hint in seconds (retry-after-ms first), unrounded."""
+    """The upstream's retry hint in seconds (retry-after-ms first), or None
+    (absent, an HTTP-date we do not parse, or not a finite number)."""
     try:
         if "retry-after-ms" in headers:
-            return max(0.0, float(headers["retry-after-ms"]) / 1000)
-        if "retry-after" in headers:
-            return max(0.0, float(headers["retry-after"]))
+            value = float(headers["retry-after-ms"]) / 1000
+        elif "retry-after" in headers:
+            value = float(headers["retry-after"])
+        else:
+            return None
     except ValueError:
-        pass
-    return None
+        return None
+    return max(0.0, value) if math.isfinite(value) else None
 
 
 def retry_after_seconds(headers: dict):
-    """The upstream's retry hint (retry-after-ms, or retry-after in seconds), rounded up."""
-    try:
-        if "retry-after-ms" in headers:
-            return max(1, math.ceil(float(headers["retry-after-ms"]) / 1000))
-        if "retry-after" in headers:
-            return max(1, math.ceil(float(headers["retry-after"])))
-    except ValueError:
-        pass  # an HTTP-date: not worth parsing; clients get our default
-    return None
+    """The same hint as whole seconds for our own Retry-After (at least 1)."""
+    value = exact_retry_after(headers)
+    return None if value is None else max(1, math.ceil(value))
 
 
 def error_message(body: bytes) -> str:

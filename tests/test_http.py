@@ -125,6 +125,7 @@ def test_retry_after():
     assert retry_after_seconds({"retry-after": "0.2"}) == 1
     assert retry_after_seconds({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) is None
     assert retry_after_seconds({}) is None
+    assert retry_after_seconds({"retry-after": "inf"}) is None
 
 
 def test_error_message():

@@ -6,23 +6,16 @@ import ssl
 import pytest
 
 from conftest import client
-from upstream import TestUpstream, WORDS, UNICODE
-from test_backends import contents, stream, settings, PROVIDERS, ca  # noqa: F401  (fixture)
+from upstream import WORDS, UNICODE
+from test_backends import contents, stream, settings, PROVIDERS, ca, upstream  # noqa: F401  (fixtures)
 
 pytest.importorskip("h2")
 
 
 @pytest.fixture
-def h2up():
-    servers = []
-
-    def start(**kw):
-        s = TestUpstream(h2=True, **kw)
-        servers.append(s)
-        return s
-    yield start
-    for s in servers:
-        s.close()
+def h2up(upstream):
+    """Test upstreams that speak HTTP/2 (closed by the upstream fixture)."""
+    return lambda **kw: upstream(h2=True, **kw)
 
 
 def h2c(name, up, **extra):
