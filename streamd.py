@@ -219,6 +219,32 @@ def p_addr(v):
     return v
 
 
+@_parser("a list of HOST:PORT")
+def p_addrs(v):
+    if isinstance(v, str):
+        v = [s.strip() for s in v.split(",") if s.strip()]
+    if not isinstance(v, list) or not all(isinstance(s, str) and s and p_addr(s) for s in v):
+        raise ValueError
+    return v
+
+
+@_parser("a list of IP addresses")
+def p_ips(v):
+    import ipaddress
+    if isinstance(v, str):
+        v = [s.strip() for s in v.split(",") if s.strip()]
+    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+        raise ValueError
+    return [str(ipaddress.ip_address(s)) for s in v]  # (ValueError if not an address)
+
+
+@_parser("a file path, or empty")
+def p_path_or_empty(v):
+    if not isinstance(v, str):
+        raise ValueError
+    return os.path.abspath(v) if v else v
+
+
 @_parser("an http:// or https:// URL")
 def p_url(v):
     if not isinstance(v, str) or not re.fullmatch(r"https?://[^/?#\s]+(/[^?#\s]*)?", v):
@@ -348,6 +374,30 @@ OPTIONS = [
            help="the failures must fall within this time"),
     Option("upstream.breaker_cooldown", 30.0, p_duration(), "--breaker-cooldown", live=True,
            help="how long an open circuit refuses before letting one probe through"),
+    Option("http.listen", [], p_addrs, "--listen", env="STREAMD_LISTEN",
+           help="HOST:PORT for the direct HTTP front (repeatable; off when empty)"),
+    Option("http.api_keys_file", "", p_path_or_empty, "--api-keys", live=True,
+           help="file of API keys, one per line (# comments); empty: no auth.  Re-read on SIGHUP"),
+    Option("http.rate_limit", 100, p_int(0), "--rate-limit", live=True,
+           help="stream requests per rate_window per API key (per client address without auth); 0: no limit"),
+    Option("http.rate_window", 900.0, p_duration(), "--rate-window", live=True,
+           help="the window of rate_limit (a token bucket: refills rate_limit per window)"),
+    Option("http.max_streams_per_key", 10, p_int(0), "--max-streams-per-key", live=True,
+           help="concurrent streams per API key (per client address without auth); 0: no cap"),
+    Option("http.trusted_proxies", [], p_ips, "--trusted-proxies", live=True,
+           help="proxies whose X-Forwarded-For names the client address (for limits and logs)"),
+    Option("http.request_timeout", 10.0, p_duration(), "--request-timeout", live=True,
+           help="time for a client to send its whole request (or WebSocket request message); else 408"),
+    Option("http.max_request_line", 8192, p_size, "--max-request-line", live=True,
+           help="longest request line; longer gets 414"),
+    Option("http.max_header_bytes", 16384, p_size, "--max-header-bytes", live=True,
+           help="largest request header block; larger gets 431"),
+    Option("http.max_headers", 64, p_int(1), "--max-headers", live=True,
+           help="most request header lines; more gets 431"),
+    Option("http.max_body_bytes", 128 * 1024, p_size, "--max-body-bytes", live=True,
+           help="largest request body (413) and WebSocket message (close 1009)"),
+    Option("http.demo_page", "", p_path_or_empty, "--demo-page", live=True,
+           help="the page served at / (empty: demo.html next to streamd.py); re-read on SIGHUP"),
     Option("metrics.listen_addr", "127.0.0.1:9090", p_addr, "--metrics-addr",
            help="HOST:PORT for /metrics and /healthz; empty disables"),
     Option("logging.level", "info", p_choice("debug", "info", "warning", "error"), "--log-level",
@@ -666,6 +716,12 @@ def parse_handoff(data: bytes) -> Request:
         raise ProtocolError(400, "handoff data is not valid JSON%s" % where) from None
     if not isinstance(obj, dict):
         raise ProtocolError(400, "handoff data: expected a JSON object, got %s" % _type_name(obj))
+    return request_from_object(obj)
+
+
+def request_from_object(obj: dict) -> Request:
+    """Validate the fields of a handoff-data object (also a direct request's body)."""
+    req = Request()
     for name, value in obj.items():  # only the keys present: usually two or three
         rule = _FIELD_CHECKS.get(name)
         if rule is not None and value is not None:
@@ -684,12 +740,16 @@ def parse_handoff(data: bytes) -> Request:
     return req
 
 
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 413: "Content Too Large",
-           431: "Request Header Fields Too Large",
-           500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
-           504: "Gateway Timeout"}
-ERROR_KINDS = {400: "invalid_request", 413: "request_too_large", 500: "internal_error",
-               502: "upstream_error", 503: "unavailable", 504: "upstream_timeout"}
+REASONS = {101: "Switching Protocols", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+           404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
+           413: "Content Too Large", 414: "URI Too Long", 426: "Upgrade Required", 429: "Too Many Requests",
+           431: "Request Header Fields Too Large", 500: "Internal Server Error", 502: "Bad Gateway",
+           503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
+ERROR_KINDS = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 408: "request_timeout", 411: "length_required",
+               413: "request_too_large", 414: "uri_too_long", 426: "upgrade_required", 429: "rate_limited",
+               431: "headers_too_large", 500: "internal_error", 502: "upstream_error", 503: "unavailable",
+               504: "upstream_timeout", 505: "http_version_not_supported"}
 
 HEAD_200 = (b"HTTP/1.1 200 OK\r\n"
             b"Content-Type: text/event-stream\r\n"
@@ -711,15 +771,20 @@ def _dumps(obj) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
 
 
+def http_response(status: int, content_type: str, body: bytes, headers=()) -> bytes:
+    """A complete response with a body, closing the connection."""
+    extra = "".join("%s: %s\r\n" % h for h in headers)
+    return ("HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n%s\r\n"
+            % (status, REASONS.get(status, "Error"), content_type, len(body), extra)).encode("latin-1") + body
+
+
 def error_response(status: int, message: str, kind: str | None = None,
-                   retry_after: int | None = None) -> bytes:
+                   retry_after: int | None = None, headers=()) -> bytes:
     """A complete JSON error response, sent when no stream has started."""
     body = _dumps({"error": {"type": kind or ERROR_KINDS.get(status, "error"), "message": message}})
-    head = "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n" % (
-        status, REASONS.get(status, "Error"), len(body))
     if retry_after is not None:
-        head += "Retry-After: %d\r\n" % retry_after
-    return head.encode("ascii") + b"\r\n" + body
+        headers = (("Retry-After", retry_after),) + tuple(headers)
+    return http_response(status, "application/json", body, headers)
 
 
 def sse_event(obj) -> bytes:
@@ -733,6 +798,369 @@ def sse_error(kind: str, message: str) -> bytes:
 
 SSE_DONE = b"data: [DONE]\n\n"
 SSE_PING = b": ping\n\n"
+
+
+# ---- Direct HTTP front: the request parser and WebSocket framing ----
+#
+# Pure like the rest of the wire protocol: RequestParser is fed bytes as they
+# arrive and answers "need more", a complete HTTPRequest, or raises HTTPError
+# with the status to send.  WSParser does the same for WebSocket frames.  The
+# loop side (HTTPFront, WSConnection) is further down, after the Connection.
+
+class HTTPError(StreamdError):
+    """A request we refuse: answered with `status` and closed."""
+
+    def __init__(self, status: int, message: str, headers=()):
+        super().__init__(message)
+        self.status, self.headers = status, tuple(headers)
+
+
+class HTTPRequest:
+    __slots__ = ("method", "target", "path", "query", "version", "headers", "body")
+
+    def __init__(self, method, target, path, query, version, headers, body=b""):
+        self.method, self.target, self.path, self.query = method, target, path, query
+        self.version, self.headers, self.body = version, headers, body
+
+    def header(self, name: str, default: str | None = None):
+        return self.headers.get(name, default)
+
+    def header_tokens(self, name: str) -> list:
+        """A comma-separated header as lower-case tokens (Connection, Upgrade)."""
+        return [t.strip().lower() for t in self.headers.get(name, "").split(",") if t.strip()]
+
+
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])")
+_FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_ABSOLUTE_FORM = re.compile(r"https?://[^/?#]+", re.IGNORECASE)
+
+
+class RequestParser:
+    """A strict HTTP/1.1 request parser (RFC 9112), one request per connection.
+
+    feed(bytes) returns None until the request is complete, then the
+    HTTPRequest; raises HTTPError on anything malformed or over a limit:
+    400 syntax, 411 a body without Content-Length, 413 body too large,
+    414 request line too long, 431 headers too large or too many, 505 not
+    HTTP/1.x.  Lenient only where RFC 9112 says a server should be: a bare LF
+    ends a line, and empty lines before the request line are skipped."""
+
+    EMPTY_LINES = 8  # blank lines tolerated before the request line
+
+    def __init__(self, max_line=8192, max_header_bytes=16384, max_headers=64, max_body=131072):
+        self.max_line, self.max_header_bytes = max_line, max_header_bytes
+        self.max_headers, self.max_body = max_headers, max_body
+        self.buf = bytearray()
+        self.scan = 0           # where to look for the next LF in buf
+        self.line = None        # (method, target, version) once the request line is in
+        self.fields = []        # [(lower-case name, value)]
+        self.head_bytes = 0     # bytes of header lines so far
+        self.blank = 0
+        self.length = None      # Content-Length, once the head is complete
+        self.request = None
+
+    def feed(self, data: bytes):
+        if self.request is not None:
+            return self.request  # a second request (pipelining) is never read
+        self.buf += data
+        while self.length is None:
+            nl = self.buf.find(b"\n", self.scan)
+            if nl < 0:
+                self.scan = len(self.buf)
+                self.check_partial()
+                return None
+            line = bytes(self.buf[:nl])
+            del self.buf[:nl + 1]
+            self.scan = 0
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if b"\r" in line:
+                raise HTTPError(400, "bare CR in the request head")
+            if self.line is None:
+                self.request_line(line)
+            elif line:
+                self.field_line(line)
+            else:
+                self.end_of_head()
+        if len(self.buf) < self.length:
+            return None
+        self.request.body = bytes(self.buf[:self.length])
+        self.buf = bytearray()
+        return self.request
+
+    def check_partial(self):
+        """No LF yet: is the line already longer than allowed?"""
+        if self.line is None:
+            if len(self.buf) > self.max_line:
+                raise HTTPError(414, "request line longer than %d bytes" % self.max_line)
+        elif self.head_bytes + len(self.buf) > self.max_header_bytes:
+            raise HTTPError(431, "request headers larger than %d bytes" % self.max_header_bytes)
+
+    def request_line(self, line: bytes):
+        if not line:
+            self.blank += 1
+            if self.blank > self.EMPTY_LINES:
+                raise HTTPError(400, "too many empty lines before the request line")
+            return
+        if len(line) > self.max_line:
+            raise HTTPError(414, "request line longer than %d bytes" % self.max_line)
+        m = _REQUEST_LINE.fullmatch(line)
+        if m is None:
+            if re.fullmatch(rb"\S+ \S+ HTTP/\d+(\.\d+)?", line):
+                raise HTTPError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
+            raise HTTPError(400, "malformed request line (expected: METHOD /path HTTP/1.1)")
+        if m.group(3) != b"1":
+            raise HTTPError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
+        self.line = (m.group(1).decode("ascii"), m.group(2).decode("ascii"), (1, int(m.group(4))))
+
+    def field_line(self, line: bytes):
+        self.head_bytes += len(line) + 2
+        if self.head_bytes > self.max_header_bytes:
+            raise HTTPError(431, "request headers larger than %d bytes" % self.max_header_bytes)
+        if len(self.fields) >= self.max_headers:
+            raise HTTPError(431, "more than %d request headers" % self.max_headers)
+        if line[:1] in (b" ", b"\t"):
+            raise HTTPError(400, "obsolete line folding in the request headers")
+        name, colon, value = line.partition(b":")
+        if not colon or not _FIELD_NAME.fullmatch(name):
+            raise HTTPError(400, "malformed header line (expected: Name: value)")
+        value = value.strip(b" \t")
+        if _FIELD_VALUE_BAD.search(value):
+            raise HTTPError(400, "control character in header %s" % name.decode("ascii"))
+        self.fields.append((name.decode("ascii").lower(), value.decode("latin-1")))
+
+    def end_of_head(self):
+        method, target, version = self.line
+        headers = {}
+        for name, value in self.fields:
+            if name in headers:
+                if name in ("host", "content-length"):
+                    if name == "host" or headers[name] != value:
+                        raise HTTPError(400, "conflicting %s headers" % name)
+                    continue
+                headers[name] += ", " + value
+            else:
+                headers[name] = value
+        if version >= (1, 1) and "host" not in headers:
+            raise HTTPError(400, "HTTP/1.1 request without a Host header")
+        if "transfer-encoding" in headers:
+            raise HTTPError(411, "Transfer-Encoding is not supported: send the body with Content-Length")
+        length = 0
+        if "content-length" in headers:
+            values = {v.strip() for v in headers["content-length"].split(",")}
+            if len(values) != 1 or not all(c in "0123456789" for c in next(iter(values))) or not next(iter(values)):
+                raise HTTPError(400, "invalid Content-Length")
+            length = int(values.pop())
+            if length > self.max_body:
+                raise HTTPError(413, "request body larger than %d bytes" % self.max_body)
+        elif method in ("POST", "PUT", "PATCH"):
+            raise HTTPError(411, "a %s needs a Content-Length header" % method)
+        path, query = split_target(target)
+        self.request = HTTPRequest(method, target, path, query, version, headers)
+        self.length = length
+
+
+def split_target(target: str):
+    """The path and the decoded query of a request target (origin or absolute
+    form); HTTPError(400) for what no client should send."""
+    import urllib.parse
+    m = _ABSOLUTE_FORM.match(target)
+    if m:
+        target = target[m.end():] or "/"
+    if not target.startswith("/"):
+        raise HTTPError(400, "request target must be a path")
+    path, _, qs = target.partition("?")
+    path = path.split("#", 1)[0]
+    try:
+        query = dict(urllib.parse.parse_qsl(qs.split("#", 1)[0], keep_blank_values=True,
+                                            errors="strict", max_num_fields=64))
+    except (ValueError, UnicodeDecodeError):
+        raise HTTPError(400, "malformed query string (invalid percent-encoding or over 64 fields)") from None
+    return path, query
+
+
+# RFC 6455.  Opcodes, and the close codes we send.
+WS_CONT, WS_TEXT, WS_BINARY, WS_CLOSE, WS_PING, WS_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+WS_NORMAL, WS_PROTOCOL_ERROR, WS_UNSUPPORTED, WS_BAD_DATA, WS_POLICY, WS_TOO_BIG = 1000, 1002, 1003, 1007, 1008, 1009
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+class WSError(StreamdError):
+    """The peer broke RFC 6455: close the connection with `code`."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def ws_accept_key(key: str) -> str:
+    import base64
+    import hashlib
+    return base64.b64encode(hashlib.sha1(key.encode("ascii") + WS_GUID).digest()).decode("ascii")
+
+
+def ws_frame(opcode: int, payload: bytes) -> bytes:
+    """One unmasked, final frame (a server never masks)."""
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x80 | opcode, n))
+    elif n < 65536:
+        head = bytes((0x80 | opcode, 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 127)) + n.to_bytes(8, "big")
+    return head + payload
+
+
+def ws_close_frame(code: int, reason: str = "") -> bytes:
+    return ws_frame(WS_CLOSE, code.to_bytes(2, "big") + reason.encode("utf-8")[:123])
+
+
+def ws_text(obj) -> bytes:
+    return ws_frame(WS_TEXT, _dumps(obj))
+
+
+class WSParser:
+    """Client frames to messages: feed(bytes) -> [(opcode, payload)], with
+    fragments joined and masks removed.  Raises WSError for what RFC 6455
+    says must fail the connection, and for messages over max_message."""
+
+    def __init__(self, max_message: int):
+        self.max_message = max_message
+        self.buf = bytearray()
+        self.parts = None  # [opcode, bytearray] while a fragmented message is open
+
+    def feed(self, data: bytes) -> list:
+        self.buf += data
+        out = []
+        while True:
+            frame = self.next_frame()
+            if frame is None:
+                return out
+            fin, opcode, payload = frame
+            if opcode >= WS_CLOSE:  # control frames: may come between fragments
+                out.append((opcode, payload))
+                if opcode == WS_CLOSE:
+                    self.check_close(payload)
+                    return out  # nothing after a close frame counts
+                continue
+            if opcode == WS_CONT:
+                if self.parts is None:
+                    raise WSError(WS_PROTOCOL_ERROR, "continuation frame with no message open")
+                self.parts[1] += payload
+            else:
+                if self.parts is not None:
+                    raise WSError(WS_PROTOCOL_ERROR, "new message before the last one ended")
+                self.parts = [opcode, bytearray(payload)]
+            if len(self.parts[1]) > self.max_message:
+                raise WSError(WS_TOO_BIG, "message larger than %d bytes" % self.max_message)
+            if fin:
+                opcode, body = self.parts[0], bytes(self.parts[1])
+                self.parts = None
+                if opcode == WS_TEXT:
+                    try:
+                        body.decode("utf-8")
+                    except UnicodeDecodeError:
+                        raise WSError(WS_BAD_DATA, "text message is not valid UTF-8") from None
+                out.append((opcode, body))
+
+    def next_frame(self):
+        buf = self.buf
+        if len(buf) < 2:
+            return None
+        b0, b1 = buf[0], buf[1]
+        fin, opcode = b0 & 0x80, b0 & 0x0F
+        if b0 & 0x70:
+            raise WSError(WS_PROTOCOL_ERROR, "reserved bits set (no extension was negotiated)")
+        if opcode not in (WS_CONT, WS_TEXT, WS_BINARY, WS_CLOSE, WS_PING, WS_PONG):
+            raise WSError(WS_PROTOCOL_ERROR, "unknown opcode %d" % opcode)
+        if not b1 & 0x80:
+            raise WSError(WS_PROTOCOL_ERROR, "client frame is not masked")
+        n, at = b1 & 0x7F, 2
+        if opcode >= WS_CLOSE and (n > 125 or not fin):
+            raise WSError(WS_PROTOCOL_ERROR, "control frame fragmented or over 125 bytes")
+        if n == 126:
+            if len(buf) < 4:
+                return None
+            n, at = int.from_bytes(buf[2:4], "big"), 4
+        elif n == 127:
+            if len(buf) < 10:
+                return None
+            n, at = int.from_bytes(buf[2:10], "big"), 10
+            if n >> 63:
+                raise WSError(WS_PROTOCOL_ERROR, "frame length has the top bit set")
+        if n > self.max_message:
+            raise WSError(WS_TOO_BIG, "frame larger than %d bytes" % self.max_message)
+        if len(buf) < at + 4 + n:
+            return None
+        mask = bytes(buf[at:at + 4])
+        payload = bytes(buf[at + 4:at + 4 + n])
+        del buf[:at + 4 + n]
+        if n:
+            # XOR with the 4-byte mask, as one big-integer operation (fast in CPython).
+            key = (mask * (n // 4 + 1))[:n]
+            payload = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+        return fin, opcode, payload
+
+    @staticmethod
+    def check_close(payload: bytes):
+        if len(payload) == 1:
+            raise WSError(WS_PROTOCOL_ERROR, "close frame with a 1-byte body")
+        if len(payload) >= 2:
+            code = int.from_bytes(payload[:2], "big")
+            if code < 1000 or code in (1004, 1005, 1006, 1015) or 1016 <= code < 3000 or code >= 5000:
+                raise WSError(WS_PROTOCOL_ERROR, "invalid close code %d" % code)
+            try:
+                payload[2:].decode("utf-8")
+            except UnicodeDecodeError:
+                raise WSError(WS_BAD_DATA, "close reason is not valid UTF-8") from None
+
+
+def sse_to_ws(data: bytes, pending: bytearray) -> bytes:
+    """Translate SSE bytes (as the backends write them) into WebSocket frames:
+    a content event becomes {"type":"chunk","content":…}, [DONE] becomes
+    {"type":"done"}, an error event {"type":"error","error":…}, a ": ping"
+    comment a ping frame.  `pending` keeps an event cut across two writes."""
+    pending += data
+    end = pending.rfind(b"\n\n")
+    if end < 0:
+        return b""
+    events = bytes(pending[:end]).split(b"\n\n")
+    del pending[:end + 2]
+    out = []
+    for ev in events:
+        data_lines, name = [], None
+        for line in ev.split(b"\n"):
+            if line.startswith(b"data:"):
+                data_lines.append(line[6:] if line[5:6] == b" " else line[5:])
+            elif line.startswith(b"event:"):
+                name = line[6:].strip().decode("utf-8", "replace")
+            elif line.startswith(b":"):
+                out.append(ws_frame(WS_PING, b""))
+        if not data_lines:
+            continue
+        text = b"\n".join(data_lines)
+        if text == b"[DONE]":
+            out.append(ws_text({"type": "done"}))
+            continue
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            obj = text.decode("utf-8", "replace")
+        if isinstance(obj, dict) and "error" in obj:
+            msg = {"type": "error", "error": obj["error"]}
+        elif isinstance(obj, dict) and isinstance(obj.get("content"), str):
+            msg = {"type": "chunk", "content": obj["content"]}
+        elif isinstance(obj, dict) and isinstance(obj.get("char"), str):
+            msg = {"type": "chunk", "content": obj["char"], "index": obj.get("index")}
+        elif isinstance(obj, dict) and "usage" in obj:
+            msg = dict(obj, type="usage")
+        else:
+            msg = {"type": "event", "data": obj}
+            if name:
+                msg["event"] = name
+        out.append(ws_text(msg))
+    return b"".join(out)
 
 
 # ---- Timers ----
@@ -882,10 +1310,17 @@ class Timers:
 # FLUSHING:  the last bytes are queued; waiting for the client to take them.
 # DRAINING:  write side shut down (FIN sent); discarding input until the client
 #            closes, so unread bytes do not turn our close into a reset.
+# The direct HTTP front (--listen) adds two:
+# REQUEST:   a client connected to us; reading its HTTP request (then STARTING,
+#            or FLUSHING with a reply such as /healthz or an error status).
+# AWAITING:  a WebSocket is open; waiting for the message that says what to
+#            stream (then STARTING).  "close": the WebSocket client closed first.
 # All changes go through Connection.transition().
 
 class State(enum.Enum):
     RECEIVING = "receiving"
+    REQUEST = "request"
+    AWAITING = "awaiting"
     STARTING = "starting"
     STREAMING = "streaming"
     FLUSHING = "flushing"
@@ -896,6 +1331,15 @@ class State(enum.Enum):
 TRANSITIONS = {
     (State.RECEIVING, "handoff"): State.STARTING,
     (State.RECEIVING, "error_response"): State.FLUSHING,
+    (State.REQUEST, "request"): State.STARTING,
+    (State.REQUEST, "error_response"): State.FLUSHING,
+    (State.REQUEST, "reply"): State.FLUSHING,
+    (State.REQUEST, "upgrade"): State.AWAITING,
+    (State.AWAITING, "request"): State.STARTING,
+    (State.AWAITING, "error_response"): State.FLUSHING,
+    (State.AWAITING, "close"): State.FLUSHING,
+    (State.STARTING, "close"): State.FLUSHING,
+    (State.STREAMING, "close"): State.FLUSHING,
     (State.STARTING, "head"): State.STREAMING,
     (State.STARTING, "error_response"): State.FLUSHING,
     (State.STREAMING, "end"): State.FLUSHING,
@@ -931,7 +1375,7 @@ class Connection:
                  "started_at", "first_byte_at", "req", "backend_name", "gen", "parked",
                  "waiting", "status", "bytes", "chunks", "outcome", "has_client", "backend_error", "corked", "paced",
                  "paced_i", "paced_delay", "unix_buf",
-                 "unix_fds")
+                 "unix_fds", "front")
 
     def __init__(self, daemon, unix_sock, cid):
         self.daemon = daemon
@@ -959,6 +1403,7 @@ class Connection:
         self.backend_error = False  # the backend itself failed (not the client, not shutdown)
         self.unix_buf = None  # stream-mode handoffs arrive in pieces until EOF
         self.unix_fds = None
+        self.front = None     # a FrontState for a direct HTTP client (--listen)
 
     def __repr__(self):
         return "<Connection %d %s>" % (self.id, self.state.name)
@@ -1092,6 +1537,9 @@ class Connection:
     def on_unix_readable(self, sock, mask) -> None:
         self.daemon.receive(self)
 
+    def on_request_io(self, sock, mask) -> None:
+        self.daemon.front.readable(self)
+
     def on_backend_io(self, sock, mask) -> None:
         self.daemon.backend_io_ready(self)
 
@@ -1151,14 +1599,23 @@ class Connection:
         self.arm_heartbeat()
 
     def respond_error(self, status: int, message: str, kind: str | None = None,
-                      retry_after: int | None = None, outcome: str = "error") -> None:
+                      retry_after: int | None = None, outcome: str = "error", headers=()) -> None:
         """Answer with an HTTP error status (only before the head went out)."""
         self.daemon.stop_backend(self)
         self.transition("error_response")
         self.status = status
         self.outcome = self.outcome or outcome
-        self.write(error_response(status, message, kind, retry_after))
+        self.write(error_response(status, message, kind, retry_after, headers))
         self.after_last_write()
+
+    def last_words(self, kind: str, message: str):
+        """What to send, unbuffered, when the daemon stops at once: an error
+        event if the stream started, a 503 if not (None: nothing fits)."""
+        if self.state is State.STREAMING:
+            return sse_error(kind, message)
+        if self.state in (State.STARTING, State.REQUEST):
+            return error_response(503, message, retry_after=1)
+        return None
 
     def end_stream(self, final: bytes, outcome: str) -> None:
         """Queue the last event ([DONE] or an error event) and start closing."""
@@ -1453,7 +1910,7 @@ class Stats:
     the --benchmark summary.  Only the loop thread touches it."""
 
     __slots__ = ("active_connections", "active_streams", "peak_streams", "started", "completed",
-                 "failed", "bytes_sent", "chunks_sent", "handoffs", "handoff_errors", "rejected",
+                 "failed", "bytes_sent", "chunks_sent", "handoffs", "handoff_errors", "rejected", "http_responses",
                  "stream_errors", "backend_requests", "backend_errors",
                  "upstream_retries", "circuit_open", "handoff_duration", "stream_duration",
                  "backend_duration", "backend_ttfb", "loop_lag", "histograms")
@@ -1463,7 +1920,7 @@ class Stats:
                      "failed", "bytes_sent", "chunks_sent", "handoffs", "rejected"):
             setattr(self, name, 0)
         for name in ("handoff_errors", "stream_errors", "backend_requests", "backend_errors",
-                     "upstream_retries"):
+                     "upstream_retries", "http_responses"):
             setattr(self, name, collections.Counter())
         self.circuit_open = {}
         self.histograms = histograms  # False under --benchmark: no metric observations
@@ -1496,7 +1953,8 @@ class Stats:
             "labeled": {"handoff_errors": dict(self.handoff_errors), "stream_errors": dict(self.stream_errors),
                         "backend_requests": dict(self.backend_requests),
                         "backend_errors": dict(self.backend_errors),
-                        "upstream_retries": dict(self.upstream_retries)},
+                        "upstream_retries": dict(self.upstream_retries),
+                        "http_responses": dict(self.http_responses)},
             "circuit_open": dict(self.circuit_open),
             "histograms": {"handoff_duration": self.handoff_duration.dump(),
                            "stream_duration": self.stream_duration.dump(),
@@ -1553,11 +2011,12 @@ _HELP = {
     "loop_lag": "How late the event loop ran a due timer",
     "upstream_retries": "Upstream requests retried before the first byte, by backend",
     "circuit_open": "1 while the backend's circuit breaker is open",
+    "http_responses": "Direct HTTP front (--listen): connections ended, by response status (101: WebSocket, 0: none)",
 }
 _BUCKETS = {"handoff_duration": HANDOFF_BUCKETS, "stream_duration": STREAM_BUCKETS, "loop_lag": LAG_BUCKETS,
             "backend_duration": STREAM_BUCKETS, "backend_ttfb": TTFB_BUCKETS}
 _LABEL = {"handoff_errors": "reason", "stream_errors": "reason", "backend_requests": "backend",
-          "backend_errors": "backend", "upstream_retries": "backend"}
+          "backend_errors": "backend", "upstream_retries": "backend", "http_responses": "code"}
 
 
 class SnapshotCollector:
@@ -1717,7 +2176,7 @@ class MetricsServer:
         if target not in (b"/metrics", b"/healthz"):
             return self.response(404, "text/plain", b"not found: try /metrics or /healthz\n")
         if method not in (b"GET", b"HEAD"):
-            return self.response(405, "text/plain", b"method not allowed\n", extra="Allow: GET, HEAD\r\n")
+            return self.response(405, "text/plain", b"method not allowed\n", (("Allow", "GET, HEAD"),))
         if target == b"/healthz":
             status, body = self.health()
             out = self.response(status, "application/json", _dumps(body))
@@ -1731,15 +2190,565 @@ class MetricsServer:
         return out
 
     @staticmethod
-    def response(status, ctype, body, extra=""):
-        return ("HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n%s\r\n"
-                % (status, REASONS.get(status, "Error"), ctype, len(body), extra)).encode() + body
+    def response(status, ctype, body, headers=()):
+        return http_response(status, ctype, body, headers)
 
     def close(self):
         for c in list(self.clients):
             self.drop(c)
         self.loop.selector.unregister(self.sock)
         self.sock.close()
+
+
+# ---- Direct HTTP front (--listen) ----
+#
+# Apache's handoff stays the main path.  This lets clients (curl, a browser,
+# another proxy) reach streamd directly: an HTTP/1.1 listener on the same loop.
+# A connection starts in State.REQUEST: RequestParser takes its bytes until the
+# request is whole (or a limit or request_timeout refuses it), HTTPFront.route
+# checks auth and limits, and a stream request then runs exactly like a
+# handoff (Daemon.admit), with the same response on the wire.  GET /v1/ws
+# upgrades to a WebSocket: the Connection becomes a WSConnection, which turns
+# the SSE the backends write into WebSocket frames.
+#
+# Auth (PHP's job on the handoff path) is API keys from a file, kept only as
+# SHA-256 digests; limits are a token bucket and a concurrent-stream cap per
+# key, or per client address when auth is off.  With --workers N each worker
+# counts for itself: a client may get up to N times the limits.
+
+class FrontState:
+    """What a direct client's Connection carries besides the stream."""
+
+    __slots__ = ("parser", "peer", "identity", "counted", "route", "ws", "pending", "close_sent",
+                 "close_code")
+
+    def __init__(self, parser, peer):
+        self.parser, self.peer = parser, peer
+        self.identity = None   # "key:<id>" or "addr:<ip>": whose limits this request counts against
+        self.counted = False   # True while it holds one of its identity's concurrent streams
+        self.route = ""
+        self.ws = None         # WSParser once upgraded
+        self.pending = None    # SSE bytes not yet translated (a WebSocket)
+        self.close_sent = False
+        self.close_code = WS_NORMAL
+
+
+def load_api_keys(path: str) -> dict:
+    """{sha256 digest: short id} from a keys file; ConfigError if unreadable."""
+    import hashlib
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ConfigError("http.api_keys_file: cannot read %s: %s" % (path, e.strerror)) from None
+    keys = {}
+    for line in lines:
+        key = line.strip()
+        if key and not key.startswith(b"#"):
+            digest = hashlib.sha256(key).digest()
+            keys[digest] = digest.hex()[:8]  # names the key in logs, never the key itself
+    return keys
+
+
+def default_demo_page() -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.html")
+
+
+class HTTPFront:
+    STREAM_ROUTES = {"/v1/stream": ("GET", "POST"), "/v1/ws": ("GET",)}
+    PAGE_ROUTES = {"/": ("GET", "HEAD"), "/healthz": ("GET", "HEAD"), "/v1/backends": ("GET", "HEAD")}
+    SWEEP_INTERVAL = 60.0
+    MAX_BUCKETS = 100_000  # idle buckets are swept; this bounds memory under an address flood
+
+    def __init__(self, daemon):
+        self.daemon = daemon
+        self.listeners = []
+        self.keys = None          # None: auth is off
+        self.page = None          # the demo page's bytes, or None
+        self.page_path = ""
+        self.buckets = {}         # identity -> [tokens, when]
+        self.active = collections.Counter()  # identity -> streams open
+        self.t_sweep = None
+
+    # -- setup --
+
+    @staticmethod
+    def bind(addrs) -> list:
+        socks = []
+        for addr in addrs:
+            host, _, port = addr.rpartition(":")
+            host = host.strip("[]")
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            s = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind((host, int(port)))
+                s.listen(4096)
+            except OSError as e:
+                s.close()
+                close_fds(x.detach() for x in socks)
+                raise ConfigError("http.listen: cannot listen on %r: %s" % (addr, e.strerror or e)) from None
+            s.setblocking(False)
+            socks.append(s)
+        return socks
+
+    def configure(self, cfg: dict, reload: bool = False) -> None:
+        """Read the API keys and the demo page (at start, and on SIGHUP: then
+        a file that cannot be read keeps the previous contents)."""
+        path = cfg["http.api_keys_file"]
+        try:
+            keys = load_api_keys(path) if path else None
+        except ConfigError as e:
+            if not reload:
+                raise
+            log(logging.ERROR, "reload: keeping the previous API keys", error=str(e))
+        else:
+            if keys is not None and not keys:
+                log(logging.WARNING, "API keys file has no keys: every stream request gets 403", path=path)
+            if reload or keys is not None:
+                log(logging.INFO, "API keys loaded" if keys is not None else "API keys off", keys=len(keys or ()))
+            self.keys = keys
+        page_path = cfg["http.demo_page"] or default_demo_page()
+        try:
+            with open(page_path, "rb") as f:
+                self.page, self.page_path = f.read(), page_path
+        except OSError as e:
+            if cfg["http.demo_page"] and not reload:
+                raise ConfigError("http.demo_page: cannot read %s: %s" % (page_path, e.strerror)) from None
+            if cfg["http.demo_page"] or not reload:
+                log(logging.INFO if not cfg["http.demo_page"] else logging.ERROR,
+                    "no demo page: / answers 404", path=page_path, error=e.strerror)
+            if not reload:
+                self.page = None
+            self.page_path = page_path
+
+    def start(self, socks) -> None:
+        self.listeners = socks
+        for s in socks:
+            self.daemon.selector.register(s, _READ, self.daemon.on_accept)
+            log(logging.INFO, "listening", addr="%s:%d" % s.getsockname()[:2], auth=self.keys is not None)
+        self.t_sweep = self.daemon.timers.call_later(self.SWEEP_INTERVAL, self.sweep)
+
+    def close(self) -> None:
+        for s in self.listeners:
+            if not self.daemon.accept_paused:
+                self.daemon.selector.unregister(s)
+            s.close()
+        self.listeners = []
+        self.daemon.timers.cancel(self.t_sweep)
+        self.t_sweep = None
+
+    # -- a connection: read the request --
+
+    def accepted(self, sock, addr) -> None:
+        d = self.daemon
+        cfg = d.cfg
+        conn = Connection(d, sock, next(d.ids))
+        conn.state = State.REQUEST
+        conn.front = FrontState(RequestParser(cfg["http.max_request_line"], cfg["http.max_header_bytes"],
+                                              cfg["http.max_headers"], cfg["http.max_body_bytes"]),
+                                addr[0] if isinstance(addr, tuple) else "")
+        conn.has_client = True
+        d.conns.add(conn)
+        d.stats.active_connections += 1
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        d.selector.register(sock, _READ, conn.on_request_io)
+        conn.mask = _READ
+        conn.t_life = d.timers.call_later(cfg["http.request_timeout"], HTTPFront.request_timed_out, conn)
+
+    @staticmethod
+    def request_timed_out(conn) -> None:
+        conn.t_life = None
+        front = conn.daemon.front
+        if conn.state is State.REQUEST:
+            front.refuse(conn, 408, "request not received within %gs" % conn.daemon.cfg["http.request_timeout"],
+                         "timeout")
+        elif conn.state is State.AWAITING:
+            front.refuse(conn, 408, "no request message within %gs" % conn.daemon.cfg["http.request_timeout"],
+                         "timeout")
+
+    def readable(self, conn: Connection) -> None:
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            conn.client_gone(e)
+            return
+        if not data:
+            conn.client_gone(None)
+            return
+        try:
+            req = conn.front.parser.feed(data)
+        except HTTPError as e:
+            self.refuse(conn, e.status, str(e), "bad_request", e.headers)
+            return
+        if req is None:
+            return
+        conn.front.parser = None  # (its buffers: not needed any more)
+        self.daemon.timers.cancel(conn.t_life)
+        conn.t_life = None
+        # From here the socket is read only to notice the client leaving.
+        self.daemon.selector.modify(conn.sock, _READ, conn.on_client_io)
+        self.route(conn, req)
+
+    def refuse(self, conn: Connection, status: int, message: str, reason: str, headers=(),
+               retry_after: int | None = None) -> None:
+        log(logging.INFO, "request refused", conn=conn.id, status=status, reason=reason,
+            peer=conn.front.peer, error=message)
+        conn.respond_error(status, message, retry_after=retry_after, outcome=reason, headers=headers)
+
+    def reply(self, conn: Connection, status: int, ctype: str, body: bytes, head_only: bool, headers=()) -> None:
+        conn.transition("reply")
+        conn.status = status
+        conn.outcome = "done"
+        out = http_response(status, ctype, body, (("Cache-Control", "no-cache"),) + tuple(headers))
+        conn.write(out[:len(out) - len(body)] if head_only else out)
+        conn.after_last_write()
+
+    # -- routing --
+
+    def route(self, conn: Connection, req: HTTPRequest) -> None:
+        d = self.daemon
+        path = req.path
+        conn.front.route = path[:100]
+        methods = self.STREAM_ROUTES.get(path) or self.PAGE_ROUTES.get(path)
+        if methods is None:
+            self.refuse(conn, 404, "no such path: %s (try /, /v1/stream, /v1/ws, /healthz)" % path[:100],
+                        "not_found")
+            return
+        if req.method not in methods:
+            self.refuse(conn, 405, "%s does not allow %s" % (path, req.method[:20]), "bad_method",
+                        (("Allow", ", ".join(methods)),))
+            return
+        head_only = req.method == "HEAD"
+        if path == "/":
+            if self.page is None:
+                self.refuse(conn, 404, "no demo page: %s is missing (set http.demo_page)" % self.page_path,
+                            "not_found")
+            else:
+                self.reply(conn, 200, "text/html; charset=utf-8", self.page, head_only,
+                           (("X-Content-Type-Options", "nosniff"),))
+            return
+        if path == "/healthz":
+            status, body = d.health()
+            self.reply(conn, status, "application/json", _dumps(body), head_only)
+            return
+        if path == "/v1/backends":
+            self.reply(conn, 200, "application/json",
+                       _dumps({"backends": d.allowed_backends(), "default": d.cfg["backend.provider"],
+                               "auth": self.keys is not None}), head_only)
+            return
+        if not self.allow(conn, req):
+            return
+        try:
+            stream_req = self.stream_request(req)
+            if stream_req is not None:
+                d.check_backend(stream_req)
+        except ProtocolError as e:
+            self.refuse(conn, 400, str(e), "bad_request")
+            return
+        self.active[conn.front.identity] += 1
+        conn.front.counted = True
+        if path == "/v1/ws":
+            if not self.upgrade(conn, req):
+                return
+            if stream_req is None:  # the request comes as the first message
+                conn.t_life = d.timers.call_later(d.cfg["http.request_timeout"], HTTPFront.request_timed_out, conn)
+                return
+        d.admit(conn, stream_req, "request")
+
+    def stream_request(self, req: HTTPRequest):
+        """The stream's Request, from a POST body (the handoff data's JSON) or
+        the query string; None for a WebSocket that will send it as a message."""
+        if req.method == "POST":
+            return parse_handoff(req.body)
+        q = req.query
+        if req.path == "/v1/ws" and not ("prompt" in q or "messages" in q):
+            return None
+        obj = {}
+        for name in ("prompt", "backend", "model", "system", "request_id", "test_pattern", "thread_id",
+                     "assistant_id", "stream_mode"):
+            if name in q:
+                obj[name] = q[name]
+        for name, conv in (("max_tokens", int), ("temperature", float), ("top_p", float)):
+            if name in q:
+                try:
+                    obj[name] = conv(q[name])
+                except ValueError:
+                    raise ProtocolError(400, "%s: expected %s, got %r" % (
+                        name, "an integer" if conv is int else "a number", q[name][:40])) from None
+        if "include_usage" in q:
+            obj["include_usage"] = q["include_usage"].lower() in ("1", "true", "yes")
+        if "messages" in q:
+            try:
+                obj["messages"] = json.loads(q["messages"])
+            except ValueError:
+                raise ProtocolError(400, "messages: expected a JSON list in the query string") from None
+        return request_from_object(obj)
+
+    # -- auth and limits --
+
+    def client_address(self, conn: Connection, req: HTTPRequest) -> str:
+        """The peer, or behind a trusted proxy the last address it appended
+        to X-Forwarded-For that is not itself a trusted proxy."""
+        trusted = self.daemon.cfg["http.trusted_proxies"]
+        addr = conn.front.peer
+        if addr in trusted and "x-forwarded-for" in req.headers:
+            for hop in reversed(req.headers["x-forwarded-for"].split(",")):
+                hop = hop.strip()
+                if hop and hop not in trusted:
+                    return hop[:64]
+        return addr
+
+    def allow(self, conn: Connection, req: HTTPRequest) -> bool:
+        """Auth, then the rate limit, then the concurrent cap; refuse and
+        return False if one says no."""
+        import hashlib
+        cfg = self.daemon.cfg
+        addr = self.client_address(conn, req)
+        conn.front.peer = addr
+        identity = "addr:" + addr
+        if self.keys is not None:
+            key = req.header("x-api-key")
+            auth = req.header("authorization", "")
+            if key is None and auth[:7].lower() == "bearer ":
+                key = auth[7:].strip()
+            if key is None:
+                key = req.query.get("api_key")  # EventSource and WebSocket cannot set headers
+            if key is None:
+                if self.limited(conn, identity, cfg):  # failed attempts spend the address's tokens
+                    return False
+                self.refuse(conn, 401, "an API key is required (X-API-Key or Authorization: Bearer)",
+                            "unauthorized", (("WWW-Authenticate", 'Bearer realm="streamd"'),))
+                return False
+            # A dict lookup by digest: timing reveals nothing about the keys themselves.
+            key_id = self.keys.get(hashlib.sha256(key.encode("latin-1", "replace")).digest())
+            if key_id is None:
+                if self.limited(conn, identity, cfg):
+                    return False
+                self.refuse(conn, 403, "the API key is not valid", "forbidden")
+                return False
+            identity = "key:" + key_id
+        conn.front.identity = identity
+        if self.limited(conn, identity, cfg):
+            return False
+        cap = cfg["http.max_streams_per_key"]
+        if cap and self.active[identity] >= cap:
+            self.refuse(conn, 429, "too many concurrent streams for this %s (limit %d)"
+                        % ("API key" if self.keys is not None else "client address", cap),
+                        "rate_limited", retry_after=1)
+            return False
+        return True
+
+    def limited(self, conn: Connection, identity: str, cfg: dict) -> bool:
+        """Take a token from identity's bucket; if there is none, refuse 429."""
+        rate = cfg["http.rate_limit"]
+        if not rate:
+            return False
+        window = cfg["http.rate_window"]
+        now = self.daemon.clock()
+        b = self.buckets.get(identity)
+        tokens = rate if b is None else min(rate, b[0] + (now - b[1]) * rate / window)
+        if tokens >= 1:
+            self.buckets[identity] = [tokens - 1, now]
+            if len(self.buckets) > self.MAX_BUCKETS:
+                self.sweep(reschedule=False)
+            return False
+        retry = max(1, math.ceil((1 - tokens) * window / rate))
+        self.refuse(conn, 429, "rate limit: %d requests per %gs" % (rate, window), "rate_limited",
+                    retry_after=retry)
+        return True
+
+    def sweep(self, reschedule=True) -> None:
+        """Forget buckets that have refilled: a new one starts full anyway."""
+        cfg = self.daemon.cfg
+        rate, window = cfg["http.rate_limit"], cfg["http.rate_window"]
+        now = self.daemon.clock()
+        for identity, (tokens, when) in list(self.buckets.items()):
+            if not rate or tokens + (now - when) * rate / window >= rate:
+                del self.buckets[identity]
+        if reschedule:
+            self.t_sweep = self.daemon.timers.call_later(self.SWEEP_INTERVAL, self.sweep)
+
+    def release(self, conn: Connection) -> None:
+        front = conn.front
+        if front.counted:
+            front.counted = False
+            n = self.active[front.identity] - 1
+            if n:
+                self.active[front.identity] = n
+            else:
+                del self.active[front.identity]
+
+    # -- WebSocket (RFC 6455) --
+
+    def upgrade(self, conn: Connection, req: HTTPRequest) -> bool:
+        import base64
+        import binascii
+        if "websocket" not in req.header_tokens("upgrade") or "upgrade" not in req.header_tokens("connection"):
+            self.refuse(conn, 426, "/v1/ws is a WebSocket endpoint (for SSE use /v1/stream)", "bad_request",
+                        (("Upgrade", "websocket"), ("Connection", "Upgrade")))
+            return False
+        if req.header("sec-websocket-version") != "13":
+            self.refuse(conn, 426, "unsupported WebSocket version (this server speaks 13)", "bad_request",
+                        (("Sec-WebSocket-Version", "13"),))
+            return False
+        key = req.header("sec-websocket-key", "")
+        try:
+            ok = len(base64.b64decode(key, validate=True)) == 16
+        except (binascii.Error, ValueError):
+            ok = False
+        if not ok:
+            self.refuse(conn, 400, "Sec-WebSocket-Key must be 16 bytes in base64", "bad_request")
+            return False
+        conn.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   b"Sec-WebSocket-Accept: " + ws_accept_key(key).encode("ascii") + b"\r\n\r\n")
+        if conn.state is State.CLOSED:
+            return False
+        conn.transition("upgrade")
+        # Same slots, other methods: from here the connection speaks frames.
+        conn.__class__ = WSConnection
+        conn.front.ws = WSParser(self.daemon.cfg["http.max_body_bytes"])
+        conn.front.pending = bytearray()
+        if conn.mask:
+            self.daemon.selector.modify(conn.sock, conn.mask, conn.on_client_io)
+        return True
+
+    def ws_request(self, conn: Connection, payload: bytes) -> None:
+        """The first text message of a WebSocket: the stream request, as JSON."""
+        d = self.daemon
+        d.timers.cancel(conn.t_life)
+        conn.t_life = None
+        try:
+            req = parse_handoff(payload)
+            d.check_backend(req)
+        except ProtocolError as e:
+            self.refuse(conn, 400, str(e), "bad_request")
+            return
+        d.admit(conn, req, "request")
+
+
+class WSConnection(Connection):
+    """A direct client after a WebSocket upgrade.  The backends still write
+    SSE; write() turns it into frames (sse_to_ws).  Client frames are read
+    and answered: ping -> pong, close -> close, the first text message is
+    the request."""
+
+    __slots__ = ()
+
+    def write(self, data) -> None:
+        frames = sse_to_ws(data, self.front.pending)
+        if frames:
+            Connection.write(self, frames)
+
+    def send_frame(self, frame: bytes) -> None:
+        Connection.write(self, frame)
+
+    def send_head(self) -> None:
+        self.transition("head")
+        self.status = 101
+        self.daemon.backend_answered(self)
+        self.last_send = self.daemon.clock()
+        self.arm_heartbeat()
+
+    def respond_error(self, status, message, kind=None, retry_after=None, outcome="error", headers=()):
+        # The 101 went out already: the error is a message, then a close.
+        self.daemon.stop_backend(self)
+        self.transition("error_response" if self.state is not State.STREAMING else "end")
+        self.status = status
+        self.outcome = self.outcome or outcome
+        err = {"type": kind or ERROR_KINDS.get(status, "error"), "message": message, "status": status}
+        if retry_after is not None:
+            err["retry_after"] = retry_after
+        self.send_frame(ws_text({"type": "error", "error": err}))
+        self.front.close_code = 1013 if status == 503 else WS_POLICY if status < 500 else 1011
+        self.after_last_write()
+
+    def end_stream(self, final: bytes, outcome: str) -> None:
+        self.front.close_code = WS_NORMAL if outcome == "done" else 1001 if outcome == "shutdown" else 1011
+        Connection.end_stream(self, final, outcome)
+
+    def after_last_write(self) -> None:
+        if not self.front.close_sent:
+            self.front.close_sent = True
+            self.send_frame(ws_close_frame(self.front.close_code))
+        Connection.after_last_write(self)
+
+    def last_words(self, kind, message):
+        if self.front.close_sent:
+            return None
+        return ws_text({"type": "error", "error": {"type": kind, "message": message}}) + ws_close_frame(1001)
+
+    def on_client_io(self, sock, mask) -> None:
+        if mask & _READ:
+            try:
+                data = sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError as e:
+                self.client_gone(e)
+                return
+            if data == b"":
+                if self.state is State.DRAINING:
+                    self.transition("eof")
+                    self.daemon.release(self)
+                else:
+                    self.client_gone(None)
+                return
+            if data:
+                try:
+                    messages = self.front.ws.feed(data)
+                except WSError as e:
+                    self.fail(e.code, str(e))
+                    return
+                for opcode, payload in messages:
+                    self.message(opcode, payload)
+                    if self.state is State.CLOSED:
+                        return
+        if mask & _WRITE and self.state is not State.CLOSED:
+            self.flush()
+
+    def message(self, opcode: int, payload: bytes) -> None:
+        if opcode == WS_PING:
+            if not self.front.close_sent:
+                self.send_frame(ws_frame(WS_PONG, payload))
+        elif opcode == WS_CLOSE:
+            if self.front.close_sent:
+                return  # the answer to ours: the client closes the TCP connection next (or LINGER does)
+            # The client closed first: stop the stream, answer with its code.
+            self.front.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else WS_NORMAL
+            self.outcome = self.outcome or "client_disconnected"
+            self.end_with("close")
+        elif opcode == WS_TEXT:
+            if self.state is State.AWAITING:
+                self.daemon.front.ws_request(self, payload)
+            # Later messages are ignored: one stream per WebSocket.
+        elif opcode == WS_BINARY:
+            self.fail(WS_UNSUPPORTED, "binary messages are not accepted")
+
+    def fail(self, code: int, reason: str) -> None:
+        """The client broke the protocol: close with `code`."""
+        log(logging.INFO, "websocket closed", conn=self.id, code=code, reason=reason, peer=self.front.peer)
+        if self.front.close_sent:
+            self.transition("abort")
+            self.daemon.release(self)
+            return
+        self.outcome = self.outcome or "bad_request"
+        self.front.close_code = code
+        self.end_with("close")
+
+    def end_with(self, event: str) -> None:
+        self.daemon.stop_backend(self)
+        if self.state in (State.AWAITING, State.STARTING, State.STREAMING):
+            self.transition(event)
+            self.after_last_write()
+        else:  # FLUSHING or DRAINING after an HTTP-level answer: just go
+            self.transition("abort")
+            self.daemon.release(self)
 
 
 # ---- Event loop ----
@@ -1840,6 +2849,7 @@ class Daemon(LoopBase):
         }
         self.helpers = None  # HelperPool, made on the first "call"
         self.breakers = {}   # backend name -> Breaker
+        self.front = None    # HTTPFront, with --listen
 
     # -- the loop --
 
@@ -1883,7 +2893,21 @@ class Daemon(LoopBase):
         self.listener.setblocking(False)
         self.selector.register(self.listener, _READ, self.on_accept)
 
+    def open_front(self, inherited=None) -> None:
+        """The direct HTTP front, when http.listen names addresses."""
+        if not self.cfg["http.listen"]:
+            return
+        self.front = HTTPFront(self)
+        self.front.configure(self.cfg)
+        self.front.start(HTTPFront.bind(self.cfg["http.listen"]) if inherited is None else inherited)
+
+    def listeners(self) -> list:
+        socks = [] if self.listener is None else [self.listener]
+        return socks + self.front.listeners if self.front is not None else socks
+
     def close_listener(self) -> None:
+        if self.front is not None:
+            self.front.close()
         if self.listener is None:
             return
         if not self.accept_paused:
@@ -1897,6 +2921,9 @@ class Daemon(LoopBase):
         """Accept until EAGAIN.  On EMFILE/ENFILE stop accepting for a moment:
         the pending connection stays in the backlog and would wake us again at
         once, so retrying immediately would spin the loop at 100% CPU."""
+        if listener is not self.listener:
+            self.accept_http(listener)
+            return
         budget = self.accept_batch
         while self.listener is not None and budget:
             budget -= 1
@@ -1923,11 +2950,31 @@ class Daemon(LoopBase):
                 conn.t_life = self.timers.call_later(self.cfg["server.handoff_timeout"],
                                                      Daemon.handoff_timeout, conn)
 
+    def accept_http(self, listener) -> None:
+        """A direct client (--listen): the same accept rules as handoffs."""
+        budget = self.accept_batch
+        while budget and not self.accept_paused:
+            budget -= 1
+            try:
+                sock, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self.pause_accepting(e)
+                    return
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                raise
+            sock.setblocking(False)
+            self.front.accepted(sock, addr)
+
     def pause_accepting(self, exc: OSError) -> None:
         log(logging.WARNING, "accept paused: out of file descriptors", error=exc.strerror,
             connections=len(self.conns))
         self.stats.handoff_errors["emfile"] += 1
-        self.selector.unregister(self.listener)
+        for s in self.listeners():
+            self.selector.unregister(s)
         self.accept_paused = True
         self.timers.call_later(0.1, self.resume_accepting)
 
@@ -1997,9 +3044,10 @@ class Daemon(LoopBase):
         log(logging.INFO, "metrics", addr="%s:%d" % self.metrics.addr[:2], enabled=registry is not None)
 
     def resume_accepting(self, _=None) -> None:
-        if self.accept_paused and self.listener is not None:
+        if self.accept_paused:
             self.accept_paused = False
-            self.selector.register(self.listener, _READ, self.on_accept)
+            for s in self.listeners():
+                self.selector.register(s, _READ, self.on_accept)
 
     # -- receiving a handoff (SPEC §1) --
 
@@ -2090,6 +3138,11 @@ class Daemon(LoopBase):
             log(logging.INFO, "handoff rejected", conn=conn.id, reason=e.reason, error=str(e))
             conn.respond_error(e.status, str(e), outcome=e.reason)
             return
+        self.admit(conn, req, "handoff")
+
+    def admit(self, conn: Connection, req: Request, event: str) -> None:
+        """A valid request (handoff or direct): stream it, unless shutting down
+        or at capacity."""
         conn.req = req
         if req.dropped_headers:
             log(logging.DEBUG, "dropped response headers", conn=conn.id, names=",".join(req.dropped_headers))
@@ -2101,7 +3154,7 @@ class Daemon(LoopBase):
             conn.respond_error(503, "server at capacity (%d connections)" % self.max_connections,
                                retry_after=1, outcome="rejected")
         else:
-            conn.transition("handoff")
+            conn.transition(event)
             self.start_stream(conn)
 
     def handoff_failed(self, conn: Connection, reason: str, detail: str) -> None:
@@ -2475,6 +3528,9 @@ class Daemon(LoopBase):
         if not conn.has_client:
             return
         stats = self.stats
+        if conn.front is not None:
+            self.front.release(conn)
+            stats.http_responses[str(conn.status or 0)] += 1
         stats.active_connections -= 1
         stats.bytes_sent += conn.bytes
         stats.chunks_sent += conn.chunks
@@ -2494,12 +3550,13 @@ class Daemon(LoopBase):
             if stats.histograms:
                 stats.stream_duration.observe(duration)
         req = conn.req
-        log(logging.INFO, "stream done", conn=conn.id,
-            request_id=req.request_id if req and req.request_id else "",
+        direct = {} if conn.front is None else {"peer": conn.front.peer, "path": conn.front.route}
+        log(logging.INFO, "stream done" if conn.front is None or conn.started_at is not None else "request done",
+            conn=conn.id, request_id=req.request_id if req and req.request_id else "",
             backend=conn.backend_name or "", status=conn.status or 0, bytes=conn.bytes,
             chunks=conn.chunks,
             ttfb_ms=round((conn.first_byte_at - conn.started_at) * 1000, 2) if conn.first_byte_at else "",
-            duration_ms=round((now - conn.accepted_at) * 1000, 2), outcome=conn.outcome or "unknown")
+            duration_ms=round((now - conn.accepted_at) * 1000, 2), outcome=conn.outcome or "unknown", **direct)
 
     # -- signals (the handlers only wake the loop: see LoopBase) --
 
@@ -2531,9 +3588,7 @@ class Daemon(LoopBase):
     def end_all_streams(self) -> None:
         """Best effort, without waiting: one last error event, then close."""
         for conn in list(self.conns):
-            last = (sse_error("shutdown", "server is shutting down") if conn.state is State.STREAMING else
-                    error_response(503, "server is shutting down", retry_after=1)
-                    if conn.state is State.STARTING else None)
+            last = conn.last_words("shutdown", "server is shutting down")
             if last and not conn.out:
                 try:
                     conn.sock.send(last)
@@ -2571,6 +3626,8 @@ class Daemon(LoopBase):
         self.cfg = new
         self.max_connections = cap_connections(new["server.max_connections"], self.fd_limit)
         setup_logging(new["logging.level"], new["logging.format"])
+        if self.front is not None:
+            self.front.configure(new, reload=True)
         log(logging.INFO, "config reloaded", changed=",".join(changed) or "nothing")
 
     def close(self) -> None:
@@ -2675,12 +3732,16 @@ class Supervisor(LoopBase):
         self.retired = Stats().snapshot()  # counters of workers that exited
         self.peak = 0
         self.listener = self.owned = None
+        self.http_listeners = []  # --listen sockets, shared by the workers like the Unix one
         self.metrics = None
         self.draining = False
         self.t_kill = None
 
     def start(self) -> None:
         self.listener, self.owned = bind_listener(self.cfg)
+        if self.cfg["http.listen"]:
+            HTTPFront(self).configure(self.cfg)  # unreadable files stop the start here, not in N workers
+            self.http_listeners = HTTPFront.bind(self.cfg["http.listen"])
         addr = self.cfg["metrics.listen_addr"]
         if addr:
             backends = [self.cfg["backend.provider"]] + list(self.cfg["backend.enabled"])
@@ -2730,6 +3791,7 @@ class Supervisor(LoopBase):
             daemon.fd_limit = raise_fd_limit()
             daemon.max_connections = cap_connections(self.cfg["server.max_connections"], daemon.fd_limit)
             daemon.open_listener(self.listener)
+            daemon.open_front(self.http_listeners)
             daemon.accept_batch = ACCEPT_BATCH
             daemon.report_sock = report_sock
             # EOF on this socket means the parent is gone (even SIGKILLed):
@@ -2835,6 +3897,8 @@ class Supervisor(LoopBase):
         self.listener.close()
         unlink_owned(self.owned)
         self.owned = None
+        for s in self.http_listeners:
+            s.close()
         sd_notify("STOPPING=1")
         log(logging.INFO, "draining workers", workers=sum(1 for w in self.workers if w.pid))
         self.signal_workers(signal.SIGTERM)
@@ -2872,6 +3936,8 @@ class Supervisor(LoopBase):
             self.metrics.close()
         self.listener.close()
         unlink_owned(self.owned)
+        for s in self.http_listeners:
+            s.close()
         self.close_signals()
         self.selector.close()
 
@@ -3248,6 +4314,9 @@ def build_arg_parser():
         if o.parse is p_bool:
             p.add_argument(o.flag, dest=o.key, action="store_const", const="true",
                            default=argparse.SUPPRESS, help=o.help)
+        elif o.parse is p_addrs:  # repeatable: --listen A --listen B
+            p.add_argument(o.flag, dest=o.key, metavar="HOST:PORT", action="append",
+                           default=argparse.SUPPRESS, help="%s (config: %s)" % (o.help, o.key))
         else:
             p.add_argument(o.flag, dest=o.key, metavar=o.flag.strip("-").split("-")[-1].upper(),
                            default=argparse.SUPPRESS, help="%s (config: %s)" % (o.help, o.key))
@@ -3308,6 +4377,7 @@ def main(argv=None) -> int:
         for name in cfg["backend.enabled"]:
             daemon.backend(name)
         daemon.open_listener()
+        daemon.open_front()
         daemon.start_metrics()
     except ConfigError as e:
         daemon.close_listener()
