@@ -185,6 +185,7 @@ class TestUpstream:
         self.failed = {}  # fail:… pattern -> requests seen
         self.connections = 0
         self.handshake_delay = 0.0  # seconds before the TLS handshake (a slow upstream)
+        self.default_delay = 0.0    # seconds between events when no pattern says otherwise
         self.lock = threading.Lock()
         self.stopped = False
         self.conns = []
@@ -331,7 +332,7 @@ class TestUpstream:
         if name == "status":
             code = int(arg)
             return ("json", code, {"retry-after": "7"}, json.dumps(fmt.status_body(code)).encode())
-        pieces, finish, end, delay = list(WORDS), "stop", True, 0.0
+        pieces, finish, end, delay = list(WORDS), "stop", True, self.default_delay
         cut_connection = error = False
         if name == "unicode":
             pieces = UNICODE
