@@ -858,10 +858,11 @@ class RequestParser:
         self.head_bytes = 0     # bytes of header lines so far
         self.blank = 0
         self.length = None      # Content-Length, once the head is complete
-        self.request = None
+        self.request = None     # the HTTPRequest, once the head is complete
+        self.complete = False
 
     def feed(self, data: bytes):
-        if self.request is not None:
+        if self.complete:
             return self.request  # a second request (pipelining) is never read
         self.buf += data
         while self.length is None:
@@ -887,6 +888,7 @@ class RequestParser:
             return None
         self.request.body = bytes(self.buf[:self.length])
         self.buf = bytearray()
+        self.complete = True
         return self.request
 
     def check_partial(self):
@@ -906,12 +908,10 @@ class RequestParser:
         if len(line) > self.max_line:
             raise HTTPError(414, "request line longer than %d bytes" % self.max_line)
         m = _REQUEST_LINE.fullmatch(line)
-        if m is None:
-            if re.fullmatch(rb"\S+ \S+ HTTP/\d+(\.\d+)?", line):
+        if m is None or m.group(3) != b"1":
+            if re.fullmatch(rb"\S+ \S+ HTTP/(?!1\.)\d+(\.\d+)?", line):
                 raise HTTPError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
             raise HTTPError(400, "malformed request line (expected: METHOD /path HTTP/1.1)")
-        if m.group(3) != b"1":
-            raise HTTPError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
         self.line = (m.group(1).decode("ascii"), m.group(2).decode("ascii"), (1, int(m.group(4))))
 
     def field_line(self, line: bytes):
@@ -3550,7 +3550,8 @@ class Daemon(LoopBase):
             if stats.histograms:
                 stats.stream_duration.observe(duration)
         req = conn.req
-        direct = {} if conn.front is None else {"peer": conn.front.peer, "path": conn.front.route}
+        direct = {} if conn.front is None else {"peer": conn.front.peer, "path": conn.front.route,
+                                                 "client": conn.front.identity or ""}
         log(logging.INFO, "stream done" if conn.front is None or conn.started_at is not None else "request done",
             conn=conn.id, request_id=req.request_id if req and req.request_id else "",
             backend=conn.backend_name or "", status=conn.status or 0, bytes=conn.bytes,
