@@ -15,9 +15,13 @@ One pass of the loop (Daemon.run_once):
   5. step runnable backends: generators that yield operations (sleep, emit an
      event, wait for a socket) and are resumed by the loop.
 
+With --listen, streamd also serves HTTP/1.1 and WebSocket clients directly
+(HTTPFront): their requests become the same streams as handoffs.
+
 Reading order: Errors, Config, Logging, Wire protocol (pure functions: bytes in,
-bytes or values out), Timers, Connection state machine, Backend operations,
-Circuit breaker, Metrics, Event loop (Daemon.run_once is the heart), Workers,
+bytes or values out; the HTTP request parser and WebSocket framing too), Timers,
+Connection state machine, Backend operations, Circuit breaker, Metrics, Direct
+HTTP front, Event loop (Daemon.run_once is the heart), Workers,
 Mock backend & registry (the tutorial backend), Signals & systemd, Client (send,
 demo), main.  Newcomers: read MockBackend first, then Daemon.run_once and step.
 """
@@ -2387,6 +2391,11 @@ class HTTPFront:
             self.refuse(conn, e.status, str(e), "bad_request", e.headers)
             return
         if req is None:
+            head = conn.front.parser.request  # the head, while the body is still coming
+            if head is not None and head.header("expect", "").lower() == "100-continue" and not conn.out:
+                # curl sends this for bodies over 1 KiB and waits a second for it.
+                head.headers["expect"] = ""
+                conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             return
         conn.front.parser = None  # (its buffers: not needed any more)
         self.daemon.timers.cancel(conn.t_life)

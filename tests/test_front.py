@@ -461,3 +461,15 @@ def test_handoffs_and_direct_clients_share_the_loop(daemon, fdcheck):
     assert ip.d.stats.handoffs == 20 and ip.d.stats.completed == 40
     ip.close()
     fdcheck.assert_no_leak()
+
+
+def test_expect_100_continue_is_answered_before_the_body(daemon):
+    ip = front(daemon)
+    body = json.dumps({"prompt": "p" * 2000}).encode()
+    c = connect(ip, b"POST /v1/stream HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n"
+                    b"Content-Length: %d\r\n\r\n" % len(body))
+    ip.pump(seen(c, b"HTTP/1.1 100 Continue\r\n\r\n"))
+    c.sock.sendall(body)
+    ip.pump(c.done)
+    assert c.data.startswith(b"HTTP/1.1 100 Continue\r\n\r\n" + streamd.response_head())
+    assert c.data.count(b"100 Continue") == 1
