@@ -2362,6 +2362,9 @@ class HTTPFront:
         d.selector.register(sock, _READ, conn.on_request_io)
         conn.mask = _READ
         conn.t_life = d.timers.call_later(cfg["http.request_timeout"], HTTPFront.request_timed_out, conn)
+        # The request often arrived with the connection: read it now, and save
+        # a trip through select() (as for handoffs).
+        self.readable(conn)
 
     @staticmethod
     def request_timed_out(conn) -> None:

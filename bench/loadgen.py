@@ -118,6 +118,11 @@ def worker(index, args, schedule, progress, conn):
         tcp.bind(("127.0.0.1", 0))
         tcp.listen(4096)
     data = args.data.encode()
+    if args.http:  # the direct front: POST the same data as the handoff's
+        host, _, port = args.http.rpartition(":")
+        http_addr = (host.strip("[]"), int(port))
+        http_request = (b"POST /v1/stream HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n" % (args.http.encode(), len(data))) + data
     records = []          # (handoff_s, ttfb_s, duration_s, events, outcome)
     live = {}
     i = 0
@@ -129,6 +134,19 @@ def worker(index, args, schedule, progress, conn):
         while i < len(schedule) and args.t_start + schedule[i] <= now:
             i += 1
             t0 = time.monotonic()
+            if args.http:
+                try:
+                    mine = socket.create_connection(http_addr)
+                    mine.sendall(http_request)
+                except OSError as e:
+                    records.append((time.monotonic() - t0, 0, 0, 0, "connect_" + errno.errorcode.get(e.errno, "error")))
+                    continue
+                st = Stream(mine, t0)
+                st.t_handoff = time.monotonic()
+                mine.setblocking(False)
+                sel.register(mine, selectors.EVENT_READ, st)
+                live[mine] = st
+                continue
             try:
                 mine, theirs = make_pair(args.pair, tcp)
             except OSError as e:
@@ -337,7 +355,9 @@ def table(rep):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--socket", required=True, help="the daemon's handoff socket")
+    p.add_argument("--socket", help="the daemon's handoff socket")
+    p.add_argument("--http", metavar="HOST:PORT",
+                   help="instead of handoffs: POST /v1/stream to the daemon's direct front (--listen)")
     p.add_argument("--mode", choices=("rate", "ramp", "burst", "hold"), default="rate")
     p.add_argument("--rate", type=float, default=100.0, help="new streams per second (rate, hold; ramp: the end)")
     p.add_argument("--rate-start", type=float, default=10.0, help="ramp: the starting rate")
@@ -351,6 +371,8 @@ def main(argv=None):
     p.add_argument("--json", help="also write the report as JSON here")
     p.add_argument("--quiet", action="store_true", help="no live progress")
     args = p.parse_args(argv)
+    if not args.socket and not args.http:
+        p.error("one of --socket or --http is required")
     if args.mode in ("burst", "hold") and not args.count:
         p.error("--mode %s needs --count" % args.mode)
     if args.count > 200000 or args.duration > 600 or args.rate > 50000:

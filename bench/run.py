@@ -15,6 +15,8 @@ stops it.  The load generator shares the CPUs with the daemon, as Apache would.
   capacity   19,000 concurrent 18 x 5 s streams in one process (the fd limit)
   workers    38,000 concurrent 18 x 5 s streams with --workers 2
   cpu        daemon CPU per stream, in-process (bench/cpu_per_stream.py)
+  direct     the direct HTTP front (--listen, POST /v1/stream) next to handoffs
+             of TCP client sockets, at the same rates
 """
 import argparse
 import json
@@ -116,6 +118,31 @@ def run_sustained(rates, seconds):
     return results, best
 
 
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DIRECT_RATES = (1000, 2000, 2500, 3000)
+
+
+def run_direct(rates, seconds):
+    """Handoff vs direct front at each rate.  Both with TCP client sockets
+    (loadgen --pair tcp): the same kernel work per byte, so the difference
+    is the front itself (accept, parse the request, auth and limit checks)."""
+    out = []
+    for rate in rates:
+        port = free_port()
+        args = ["--listen", "127.0.0.1:%d" % port, "--rate-limit", "0", "--max-streams-per-key", "0"]
+        load = ["--mode", "rate", "--rate", str(rate), "--duration", str(seconds)]
+        handoff = scenario("direct_handoff_%d" % rate, args, *load, "--pair", "tcp")
+        direct = scenario("direct_http_%d" % rate, args, *load, "--http", "127.0.0.1:%d" % port)
+        out.append((rate, handoff, direct))
+    return out
+
+
 def run_cpu(smoke):
     out = subprocess.run([sys.executable, os.path.join(HERE, "cpu_per_stream.py"), "--streams",
                           "1000" if smoke else "6000", "--repeat", "1" if smoke else "3", "--log", "info"],
@@ -200,6 +227,18 @@ def write_results(res, smoke):
     plot = plot_sustained(res.get("sustained"))
     if plot:
         lines += ["![sustained](%s)" % os.path.basename(plot), ""]
+    if res.get("direct"):
+        lines += ["### direct: the HTTP front (`--listen`, `POST /v1/stream`) next to handoffs", "",
+                  "18 × 50 ms streams; both paths with TCP client sockets on 127.0.0.1 "
+                  "(handoffs: `loadgen --pair tcp`; direct: `loadgen --http`, one connection per request).", "",
+                  "| rate/s | path | streams | failed | TTFB p50 | TTFB p99 | TTFB p99.9 | daemon CPU/stream |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for rate, h, d in res["direct"]:
+            for name, r in (("handoff", h), ("direct", d)):
+                lines.append("| %d | %s | %d | %d | %s ms | %s ms | %s ms | %s µs |" % (
+                    rate, name, r["count"], r["failed"], r["ttfb_ms"]["p50"], r["ttfb_ms"]["p99"],
+                    r["ttfb_ms"]["p99.9"], r["daemon"]["cpu_us_per_stream"]))
+        lines.append("")
     lines += ["## What limits the targets that are not met", "", ANALYSIS, ""]
     lines += ["## Reproduce", "", "```sh", "python3 bench/run.py          # all scenarios, ~6 minutes",
               "python3 bench/loadgen.py --help  # one scenario by hand", "```", ""]
@@ -254,6 +293,8 @@ def report_only():
     for name in ("burst", "capacity", "workers"):
         if load(name):
             res[name] = load(name)
+    res["direct"] = [(r, load("direct_handoff_%d" % r), load("direct_http_%d" % r)) for r in DIRECT_RATES
+                     if load("direct_handoff_%d" % r) and load("direct_http_%d" % r)]
     cpu_path = os.path.join(OUT, "cpu.json")
     if os.path.exists(cpu_path):
         with open(cpu_path) as f:
@@ -265,18 +306,22 @@ def report_only():
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="a 10-second version (CI)")
-    p.add_argument("--only", default="", help="comma-separated scenarios: sustained,burst,capacity,workers,cpu")
+    p.add_argument("--only", default="", help="comma-separated scenarios: sustained,burst,capacity,workers,cpu,direct")
     p.add_argument("--report", action="store_true", help="rewrite RESULTS.md from bench/out/*.json, run nothing")
     args = p.parse_args()
     os.makedirs(OUT, exist_ok=True)
     if args.report:
         return report_only()
-    only = set(args.only.split(",")) if args.only else {"sustained", "burst", "capacity", "workers", "cpu"}
+    only = set(args.only.split(",")) if args.only else {"sustained", "burst", "capacity", "workers", "cpu", "direct"}
     res = {}
     if args.smoke:
         rep = scenario("smoke_rate", [], "--mode", "rate", "--rate", "300", "--duration", "3")
         burst = scenario("smoke_burst", [], "--mode", "burst", "--count", "500")
-        failed = rep["failed"] + burst["failed"]
+        port = free_port()
+        direct = scenario("smoke_direct", ["--listen", "127.0.0.1:%d" % port, "--rate-limit", "0",
+                                           "--max-streams-per-key", "0"],
+                          "--mode", "rate", "--rate", "200", "--duration", "2", "--http", "127.0.0.1:%d" % port)
+        failed = rep["failed"] + burst["failed"] + direct["failed"]
         print("smoke: %s" % ("ok" if not failed else "%d streams failed" % failed))
         return 1 if failed else 0
     print("streamd benchmarks (results in bench/RESULTS.md)", flush=True)
@@ -289,6 +334,8 @@ def main():
     if "capacity" in only:
         res["capacity"] = scenario("capacity", ["--message-delay", "5s"], "--mode", "hold", "--count", "19000",
                                    "--rate", "2000", "--procs", "2", "--timeout", "150")
+    if "direct" in only:
+        res["direct"] = run_direct(DIRECT_RATES, 10)
     if "workers" in only:
         res["workers"] = scenario("workers", ["--message-delay", "5s", "--workers", "2"], "--mode", "hold",
                                   "--count", "38000", "--rate", "2000", "--procs", "4", "--timeout", "150")
