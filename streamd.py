@@ -856,6 +856,7 @@ class RequestParser:
         self.max_line, self.max_header_bytes = max_line, max_header_bytes
         self.max_headers, self.max_body = max_headers, max_body
         self.buf = bytearray()
+        self.received = 0       # bytes fed so far
         self.scan = 0           # where to look for the next LF in buf
         self.line = None        # (method, target, version) once the request line is in
         self.fields = []        # [(lower-case name, value)]
@@ -868,6 +869,7 @@ class RequestParser:
     def feed(self, data: bytes):
         if self.complete:
             return self.request  # a second request (pipelining) is never read
+        self.received += len(data)
         self.buf += data
         while self.length is None:
             nl = self.buf.find(b"\n", self.scan)
@@ -2370,7 +2372,14 @@ class HTTPFront:
     def request_timed_out(conn) -> None:
         conn.t_life = None
         front = conn.daemon.front
-        if conn.state is State.REQUEST:
+        if conn.state is State.REQUEST and not conn.front.parser.received:
+            # Not a byte: a browser's speculative preconnect, a port scan.  Close
+            # quietly, as nginx does; there is no request to answer.
+            log(logging.DEBUG, "idle connection closed", conn=conn.id, peer=conn.front.peer)
+            conn.outcome = "timeout"
+            conn.transition("abort")
+            conn.daemon.release(conn)
+        elif conn.state is State.REQUEST:
             front.refuse(conn, 408, "request not received within %gs" % conn.daemon.cfg["http.request_timeout"],
                          "timeout")
         elif conn.state is State.AWAITING:

@@ -473,3 +473,18 @@ def test_expect_100_continue_is_answered_before_the_body(daemon):
     ip.pump(c.done)
     assert c.data.startswith(b"HTTP/1.1 100 Continue\r\n\r\n" + streamd.response_head())
     assert c.data.count(b"100 Continue") == 1
+
+
+def test_a_connection_that_never_sends_a_byte_is_closed_quietly(daemon, fdcheck):
+    ip = front(daemon, http__request_timeout=10.0)
+    c = connect(ip)
+    ip.run_for(3)
+    assert len(ip.d.conns) == 1
+    ip.clock.advance(10.0)
+    ip.pump(c.done)
+    assert c.data == b""  # no 408 for a preconnect that never asked anything
+    c.close()
+    ip.pump(lambda: not ip.d.conns)
+    assert ip.d.stats.http_responses == {"0": 1}
+    ip.close()
+    fdcheck.assert_no_leak()
