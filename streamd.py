@@ -223,11 +223,19 @@ def p_addr(v):
     return v
 
 
-@_parser("a list of HOST:PORT")
-def p_addrs(v):
+def _str_list(v) -> list:
+    """A YAML list of strings, or one comma-separated string (env, flags)."""
     if isinstance(v, str):
         v = [s.strip() for s in v.split(",") if s.strip()]
-    if not isinstance(v, list) or not all(isinstance(s, str) and s and p_addr(s) for s in v):
+    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+        raise ValueError
+    return v
+
+
+@_parser("a list of HOST:PORT")
+def p_addrs(v):
+    v = _str_list(v)
+    if not all(s and p_addr(s) for s in v):
         raise ValueError
     return v
 
@@ -235,11 +243,7 @@ def p_addrs(v):
 @_parser("a list of IP addresses")
 def p_ips(v):
     import ipaddress
-    if isinstance(v, str):
-        v = [s.strip() for s in v.split(",") if s.strip()]
-    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
-        raise ValueError
-    return [str(ipaddress.ip_address(s)) for s in v]  # (ValueError if not an address)
+    return [str(ipaddress.ip_address(s)) for s in _str_list(v)]  # (ValueError if not an address)
 
 
 @_parser("a file path, or empty")
@@ -258,11 +262,7 @@ def p_url(v):
 
 @_parser("a list of backend names")
 def p_names(v):
-    if isinstance(v, str):
-        v = [s.strip() for s in v.split(",") if s.strip()]
-    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
-        raise ValueError
-    return v
+    return _str_list(v)
 
 
 class Option:
@@ -1567,10 +1567,17 @@ class Connection:
                 else:
                     self.client_gone(None)
                 return
-            # Anything else the client sends (a pipelined request, a body Apache
-            # did not read) is discarded: this connection only ever answers once.
+            if data:
+                self.received(data)
+                if self.state is State.CLOSED:
+                    return
         if mask & _WRITE and self.state is not State.CLOSED:
             self.flush()
+
+    def received(self, data: bytes) -> None:
+        """Bytes from the client.  Discarded (a pipelined request, a body Apache
+        did not read): this connection only ever answers once.  A WebSocket
+        reads frames here."""
 
     # -- the response: head, events, end --
 
@@ -2635,8 +2642,6 @@ class HTTPFront:
         conn.__class__ = WSConnection
         conn.front.ws = WSParser(self.daemon.cfg["http.max_body_bytes"])
         conn.front.pending = bytearray()
-        if conn.mask:
-            self.daemon.selector.modify(conn.sock, conn.mask, conn.on_client_io)
         return True
 
     def ws_request(self, conn: Connection, payload: bytes) -> None:
@@ -2704,34 +2709,16 @@ class WSConnection(Connection):
             return None
         return ws_text({"type": "error", "error": {"type": kind, "message": message}}) + ws_close_frame(1001)
 
-    def on_client_io(self, sock, mask) -> None:
-        if mask & _READ:
-            try:
-                data = sock.recv(65536)
-            except (BlockingIOError, InterruptedError):
-                data = None
-            except OSError as e:
-                self.client_gone(e)
+    def received(self, data: bytes) -> None:
+        try:
+            messages = self.front.ws.feed(data)
+        except WSError as e:
+            self.fail(e.code, str(e))
+            return
+        for opcode, payload in messages:
+            self.message(opcode, payload)
+            if self.state is State.CLOSED:
                 return
-            if data == b"":
-                if self.state is State.DRAINING:
-                    self.transition("eof")
-                    self.daemon.release(self)
-                else:
-                    self.client_gone(None)
-                return
-            if data:
-                try:
-                    messages = self.front.ws.feed(data)
-                except WSError as e:
-                    self.fail(e.code, str(e))
-                    return
-                for opcode, payload in messages:
-                    self.message(opcode, payload)
-                    if self.state is State.CLOSED:
-                        return
-        if mask & _WRITE and self.state is not State.CLOSED:
-            self.flush()
 
     def message(self, opcode: int, payload: bytes) -> None:
         if opcode == WS_PING:
@@ -2939,42 +2926,12 @@ class Daemon(LoopBase):
         self.listener_owned = None
 
     def on_accept(self, listener, mask) -> None:
-        """Accept until EAGAIN.  On EMFILE/ENFILE stop accepting for a moment:
-        the pending connection stays in the backlog and would wake us again at
-        once, so retrying immediately would spin the loop at 100% CPU."""
-        if listener is not self.listener:
-            self.accept_http(listener)
-            return
+        """Accept until EAGAIN (the handoff socket, or a --listen one).  On
+        EMFILE/ENFILE stop accepting for a moment: the pending connection stays
+        in the backlog and would wake us again at once, so retrying immediately
+        would spin the loop at 100% CPU."""
         budget = self.accept_batch
-        while self.listener is not None and budget:
-            budget -= 1
-            try:
-                sock, _ = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self.pause_accepting(e)
-                    return
-                if e.errno in (errno.ECONNABORTED, errno.EPROTO):
-                    continue
-                raise
-            sock.setblocking(False)
-            conn = Connection(self, sock, next(self.ids))
-            self.conns.add(conn)
-            # Apache sends its message right after connecting: try to read it now
-            # and save a trip through select() for every handoff.
-            self.receive(conn)
-            if conn.state is State.RECEIVING:
-                self.selector.register(sock, _READ, conn.on_unix_readable)
-                conn.mask = _READ
-                conn.t_life = self.timers.call_later(self.cfg["server.handoff_timeout"],
-                                                     Daemon.handoff_timeout, conn)
-
-    def accept_http(self, listener) -> None:
-        """A direct client (--listen): the same accept rules as handoffs."""
-        budget = self.accept_batch
-        while budget and not self.accept_paused:
+        while budget and listener.fileno() >= 0:  # (a handler may close it: a drain)
             budget -= 1
             try:
                 sock, addr = listener.accept()
@@ -2988,7 +2945,22 @@ class Daemon(LoopBase):
                     continue
                 raise
             sock.setblocking(False)
-            self.front.accepted(sock, addr)
+            if listener is self.listener:
+                self.accept_handoff(sock)
+            else:
+                self.front.accepted(sock, addr)
+
+    def accept_handoff(self, sock) -> None:
+        conn = Connection(self, sock, next(self.ids))
+        self.conns.add(conn)
+        # Apache sends its message right after connecting: try to read it now
+        # and save a trip through select() for every handoff.
+        self.receive(conn)
+        if conn.state is State.RECEIVING:
+            self.selector.register(sock, _READ, conn.on_unix_readable)
+            conn.mask = _READ
+            conn.t_life = self.timers.call_later(self.cfg["server.handoff_timeout"],
+                                                 Daemon.handoff_timeout, conn)
 
     def pause_accepting(self, exc: OSError) -> None:
         log(logging.WARNING, "accept paused: out of file descriptors", error=exc.strerror,

@@ -39,6 +39,23 @@ def ws_url(d, path="/v1/ws"):
     return "ws://%s:%d%s" % (addr(d) + (path,))
 
 
+@pytest.fixture
+def openai_front(daemon_proc):
+    """start(*args, delay=s) -> (daemon with --listen and the openai backend, its test upstream)."""
+    made = []
+
+    def start(*args, delay=0.0):
+        up = TestUpstream()
+        up.default_delay = delay
+        made.append(up)
+        d = daemon_proc("--listen", "127.0.0.1:0", "--backend", "openai", "--openai-base", up.base + "/v1", *args,
+                        env={"OPENAI_API_KEY": "sk-test"})
+        return d, up
+    yield start
+    for up in made:
+        up.close()
+
+
 def test_websocket_with_a_real_client(daemon_proc):
     d = daemon_proc("--listen", "127.0.0.1:0", "--message-delay", "5ms")
     with ws_client.connect(ws_url(d)) as ws:
@@ -52,56 +69,39 @@ def test_websocket_with_a_real_client(daemon_proc):
                      d.logs())
 
 
-def test_websocket_ping_and_early_close_cancel_the_upstream(daemon_proc):
-    up = TestUpstream()
-    up.default_delay = 0.5
-    try:
-        d = daemon_proc("--listen", "127.0.0.1:0", "--backend", "openai", "--openai-base", up.base + "/v1",
-                        env={"OPENAI_API_KEY": "sk-test"})
-        with ws_client.connect(ws_url(d, "/v1/ws?prompt=hi")) as ws:
-            assert json.loads(ws.recv(timeout=10)) == {"type": "chunk", "content": "Hello"}
-            assert ws.ping().wait(5), "no pong"
-            ws.close(1000)
-        assert up.last().hung_up.wait(5), "closing the WebSocket did not cancel the upstream request"
-        d.wait_log("outcome=client_disconnected")
-    finally:
-        up.close()
+def test_websocket_ping_and_early_close_cancel_the_upstream(openai_front):
+    d, up = openai_front(delay=0.5)
+    with ws_client.connect(ws_url(d, "/v1/ws?prompt=hi")) as ws:
+        assert json.loads(ws.recv(timeout=10)) == {"type": "chunk", "content": "Hello"}
+        assert ws.ping().wait(5), "no pong"
+        ws.close(1000)
+    assert up.last().hung_up.wait(5), "closing the WebSocket did not cancel the upstream request"
+    d.wait_log("outcome=client_disconnected")
 
 
-def test_websocket_upstream_failure_is_an_error_message(daemon_proc):
-    up = TestUpstream()
-    try:
-        d = daemon_proc("--listen", "127.0.0.1:0", "--backend", "openai", "--openai-base", up.base + "/v1",
-                        "--max-retries", "0", env={"OPENAI_API_KEY": "sk-test"})
-        with ws_client.connect(ws_url(d)) as ws:
-            ws.send(json.dumps({"prompt": "x", "test_pattern": "status:400"}))
-            msg = json.loads(ws.recv(timeout=10))
-            with pytest.raises(ConnectionClosed):
-                ws.recv(timeout=10)
-            assert ws.close_code == 1011
-        assert msg["type"] == "error" and msg["error"]["status"] == 502
-    finally:
-        up.close()
+def test_websocket_upstream_failure_is_an_error_message(openai_front):
+    d, up = openai_front("--max-retries", "0")
+    with ws_client.connect(ws_url(d)) as ws:
+        ws.send(json.dumps({"prompt": "x", "test_pattern": "status:400"}))
+        msg = json.loads(ws.recv(timeout=10))
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=10)
+        assert ws.close_code == 1011
+    assert msg["type"] == "error" and msg["error"]["status"] == 502
 
 
-def test_direct_client_leaving_cancels_the_upstream(daemon_proc):
-    up = TestUpstream()
-    up.default_delay = 0.5
-    try:
-        d = daemon_proc("--listen", "127.0.0.1:0", "--backend", "openai", "--openai-base", up.base + "/v1",
-                        env={"OPENAI_API_KEY": "sk-test"})
-        s = socket.create_connection(addr(d), timeout=10)
-        s.sendall(get("/v1/stream?prompt=hi"))
-        data = b""
-        while b'data: {"content":"Hello"}' not in data:  # the stream is live
-            chunk = s.recv(65536)
-            assert chunk, data
-            data += chunk
-        s.close()
-        assert up.last().hung_up.wait(5)
-        d.wait_log("outcome=client_disconnected")
-    finally:
-        up.close()
+def test_direct_client_leaving_cancels_the_upstream(openai_front):
+    d, up = openai_front(delay=0.5)
+    s = socket.create_connection(addr(d), timeout=10)
+    s.sendall(get("/v1/stream?prompt=hi"))
+    data = b""
+    while b'data: {"content":"Hello"}' not in data:  # the stream is live
+        chunk = s.recv(65536)
+        assert chunk, data
+        data += chunk
+    s.close()
+    assert up.last().hung_up.wait(5)
+    d.wait_log("outcome=client_disconnected")
 
 
 def test_api_keys_reload_on_sighup_and_never_reach_the_log(daemon_proc, tmp_path):
