@@ -2271,7 +2271,7 @@ class HTTPFront:
     STREAM_ROUTES = {"/v1/stream": ("GET", "POST"), "/v1/ws": ("GET",)}
     PAGE_ROUTES = {"/": ("GET", "HEAD"), "/healthz": ("GET", "HEAD"), "/v1/backends": ("GET", "HEAD")}
     SWEEP_INTERVAL = 60.0
-    MAX_BUCKETS = 100_000  # idle buckets are swept; this bounds memory under an address flood
+    MAX_BUCKETS = 100_000  # bounds the buckets' memory under a flood of distinct clients
 
     def __init__(self, daemon):
         self.daemon = daemon
@@ -2340,7 +2340,7 @@ class HTTPFront:
         for s in socks:
             self.daemon.selector.register(s, _READ, self.daemon.on_accept)
             log(logging.INFO, "listening", addr="%s:%d" % s.getsockname()[:2], auth=self.keys is not None)
-        self.t_sweep = self.daemon.timers.call_later(self.SWEEP_INTERVAL, self.sweep)
+        self.t_sweep = self.daemon.timers.call_later(self.SWEEP_INTERVAL, self.sweep_timer)
 
     def close(self) -> None:
         for s in self.listeners:
@@ -2584,14 +2584,24 @@ class HTTPFront:
         if tokens >= 1:
             self.buckets[identity] = [tokens - 1, now]
             if len(self.buckets) > self.MAX_BUCKETS:
-                self.sweep(reschedule=False)
+                self.sweep()
+                if len(self.buckets) > self.MAX_BUCKETS // 2:
+                    # Still full (a flood of distinct clients): forget the least
+                    # recently seen half.  They start again with full buckets.
+                    by_age = sorted(self.buckets, key=lambda k: self.buckets[k][1])
+                    for identity in by_age[:len(by_age) - self.MAX_BUCKETS // 2]:
+                        del self.buckets[identity]
             return False
         retry = max(1, math.ceil((1 - tokens) * window / rate))
         self.refuse(conn, 429, "rate limit: %d requests per %gs" % (rate, window), "rate_limited",
                     retry_after=retry)
         return True
 
-    def sweep(self, reschedule=True) -> None:
+    def sweep_timer(self, _=None) -> None:
+        self.sweep()
+        self.t_sweep = self.daemon.timers.call_later(self.SWEEP_INTERVAL, self.sweep_timer)
+
+    def sweep(self) -> None:
         """Forget buckets that have refilled: a new one starts full anyway."""
         cfg = self.daemon.cfg
         rate, window = cfg["http.rate_limit"], cfg["http.rate_window"]
@@ -2599,8 +2609,6 @@ class HTTPFront:
         for identity, (tokens, when) in list(self.buckets.items()):
             if not rate or tokens + (now - when) * rate / window >= rate:
                 del self.buckets[identity]
-        if reschedule:
-            self.t_sweep = self.daemon.timers.call_later(self.SWEEP_INTERVAL, self.sweep)
 
     def release(self, conn: Connection) -> None:
         front = conn.front
