@@ -122,7 +122,8 @@ def test_healthz_backends_and_the_demo_page(daemon):
     assert json.loads(body) == {"backends": ["mock"], "default": "mock", "auth": False}
     status, headers, body = exchange(ip, get("/"))
     assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
-    assert body == open(streamd.default_demo_page(), "rb").read()
+    with open(streamd.default_demo_page(), "rb") as f:
+        assert body == f.read()
     status, headers, body = exchange(ip, b"HEAD / HTTP/1.1\r\nHost: t\r\n\r\n")
     assert status == 200 and body == b"" and int(headers["Content-Length"]) > 1000
 
