@@ -223,6 +223,10 @@ def p_addr(v):
     return v
 
 
+def _raise():
+    raise ValueError
+
+
 def _str_list(v) -> list:
     """A YAML list of strings, or one comma-separated string (env, flags)."""
     if isinstance(v, str):
@@ -390,6 +394,10 @@ OPTIONS = [
            help="concurrent streams per API key (per client address without auth); 0: no cap"),
     Option("http.trusted_proxies", [], p_ips, "--trusted-proxies", live=True,
            help="proxies whose X-Forwarded-For names the client address (for limits and logs)"),
+    Option("http.cors_origins", [], _parser("a list of origins (https://host[:port]) or *")(
+           lambda v: [o.rstrip("/") for o in _str_list(v) if re.fullmatch(r"\*|https?://[^/\s]+/?", o) or _raise()]),
+           "--cors-origins", live=True,
+           help="web origins whose pages may call the front from the browser (CORS); * for any"),
     Option("http.request_timeout", 10.0, p_duration(), "--request-timeout", live=True,
            help="time for a client to send its whole request (or WebSocket request message); else 408"),
     Option("http.max_request_line", 8192, p_size, "--max-request-line", live=True,
@@ -2233,7 +2241,7 @@ class FrontState:
     """What a direct client's Connection carries besides the stream."""
 
     __slots__ = ("parser", "peer", "identity", "counted", "route", "ws", "pending", "close_sent",
-                 "close_code")
+                 "close_code", "cors")
 
     def __init__(self, parser, peer):
         self.parser, self.peer = parser, peer
@@ -2244,6 +2252,7 @@ class FrontState:
         self.pending = None    # SSE bytes not yet translated (a WebSocket)
         self.close_sent = False
         self.close_code = WS_NORMAL
+        self.cors = ()         # CORS headers for every answer to this request
 
 
 def load_api_keys(path: str) -> dict:
@@ -2427,7 +2436,8 @@ class HTTPFront:
                retry_after: int | None = None) -> None:
         log(logging.INFO, "request refused", conn=conn.id, status=status, reason=reason,
             peer=conn.front.peer, error=message)
-        conn.respond_error(status, message, retry_after=retry_after, outcome=reason, headers=headers)
+        conn.respond_error(status, message, retry_after=retry_after, outcome=reason,
+                           headers=tuple(headers) + conn.front.cors)
 
     def reply(self, conn: Connection, status: int, ctype: str, body: bytes, head_only: bool, headers=()) -> None:
         conn.transition("reply")
@@ -2444,6 +2454,10 @@ class HTTPFront:
         path = req.path
         conn.front.route = path[:100]
         methods = self.STREAM_ROUTES.get(path) or self.PAGE_ROUTES.get(path)
+        cors = conn.front.cors = self.cors_headers(req)
+        if req.method == "OPTIONS" and path in self.STREAM_ROUTES and d.cfg["http.cors_origins"]:
+            self.preflight(conn, req, cors)
+            return
         if methods is None:
             self.refuse(conn, 404, "no such path: %s (try /, /v1/stream, /v1/ws, /healthz)" % path[:100],
                         "not_found")
@@ -2479,6 +2493,8 @@ class HTTPFront:
         except ProtocolError as e:
             self.refuse(conn, 400, str(e), "bad_request")
             return
+        if stream_req is not None and cors:
+            stream_req.response_headers = list(stream_req.response_headers) + list(cors)
         self.active[conn.front.identity] += 1
         conn.front.counted = True
         if path == "/v1/ws":
@@ -2517,6 +2533,33 @@ class HTTPFront:
             except ValueError:
                 raise ProtocolError(400, "messages: expected a JSON list in the query string") from None
         return request_from_object(obj)
+
+    # -- CORS: pages from other origins (a dev server on another port) --
+
+    def cors_headers(self, req: HTTPRequest) -> tuple:
+        origin = req.header("origin")
+        allowed = self.daemon.cfg["http.cors_origins"]
+        if origin is None or not allowed:
+            return ()
+        if "*" in allowed:
+            return (("Access-Control-Allow-Origin", "*"),)
+        if origin.rstrip("/") in allowed:
+            return (("Access-Control-Allow-Origin", origin), ("Vary", "Origin"))
+        return ()
+
+    def preflight(self, conn: Connection, req: HTTPRequest, cors: tuple) -> None:
+        if not cors:
+            self.refuse(conn, 403, "origin %r is not in http.cors_origins" % (req.header("origin") or "")[:100],
+                        "forbidden")
+            return
+        conn.transition("reply")
+        conn.status = 204
+        conn.outcome = "done"
+        conn.write(("HTTP/1.1 204 No Content\r\n%sAccess-Control-Allow-Methods: GET, POST\r\n"
+                    "Access-Control-Allow-Headers: Authorization, Content-Type, X-API-Key\r\n"
+                    "Access-Control-Max-Age: 600\r\nConnection: close\r\n\r\n"
+                    % "".join("%s: %s\r\n" % h for h in cors)).encode("latin-1", "replace"))
+        conn.after_last_write()
 
     # -- auth and limits --
 

@@ -437,7 +437,7 @@ def test_keep_alive_with_fd_numbers_above_1024(daemon, upstream):
     try:
         for _ in range(2):
             c = stream(ip, {})
-            assert contents(c)[1]
+            assert contents(c)[1], c.data
             c.close()
         assert up.connections == 1
     finally:

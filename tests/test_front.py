@@ -500,3 +500,39 @@ def test_bucket_table_is_bounded(daemon):
         ip.clock.advance(1.0)
         assert exchange(ip, get("/v1/stream", "X-Forwarded-For: 10.0.0.%d\r\n" % i))[0] == 200
     assert set(ip.d.front.buckets) == {"addr:10.0.0.3", "addr:10.0.0.4"}  # the newest half
+
+
+def test_cors_for_pages_from_other_origins(daemon, tmp_path):
+    ip = keyed(daemon, tmp_path, http__cors_origins=["http://localhost:3000"])
+    origin = "Origin: http://localhost:3000\r\n"
+    status, headers, _ = exchange(ip, b"OPTIONS /v1/stream HTTP/1.1\r\nHost: t\r\n" + origin.encode()
+                                  + b"Access-Control-Request-Method: POST\r\n\r\n")
+    assert status == 204 and headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+    assert "X-API-Key" in headers["Access-Control-Allow-Headers"] and "Content-Length" not in headers
+    status, headers, body = exchange(ip, post({"prompt": "x"}, origin + "X-API-Key: k-one\r\n"))
+    assert status == 200 and headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+    assert headers["Vary"] == "Origin" and body.endswith(streamd.SSE_DONE)
+    status, headers, _ = exchange(ip, post({"prompt": "x"}, origin))  # errors are readable too
+    assert status == 401 and headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+    # Another origin gets no CORS headers (the browser blocks the page), and no preflight.
+    other = "Origin: http://evil.example\r\n"
+    status, headers, _ = exchange(ip, post({"prompt": "x"}, other + "X-API-Key: k-one\r\n"))
+    assert status == 200 and "Access-Control-Allow-Origin" not in headers
+    status, _, _ = exchange(ip, b"OPTIONS /v1/stream HTTP/1.1\r\nHost: t\r\n" + other.encode() + b"\r\n")
+    assert status == 403
+
+
+def test_cors_off_by_default_and_star(daemon):
+    ip = front(daemon)
+    status, headers, _ = exchange(ip, get("/v1/stream", "Origin: http://a.example\r\n"))
+    assert status == 200 and "Access-Control-Allow-Origin" not in headers
+    assert exchange(ip, b"OPTIONS /v1/stream HTTP/1.1\r\nHost: t\r\n\r\n")[0] == 405
+    ip.d.cfg["http.cors_origins"] = ["*"]
+    status, headers, _ = exchange(ip, get("/v1/stream", "Origin: http://a.example\r\n"))
+    assert headers["Access-Control-Allow-Origin"] == "*"
+
+
+@pytest.mark.parametrize("value", [["localhost:3000"], ["http://a/b"], "ftp://x"])
+def test_bad_cors_origins_are_config_errors(value):
+    with pytest.raises(streamd.ConfigError, match=r"config.yaml: http.cors_origins: expected a list of origins"):
+        streamd.parse_option(streamd.OPTION_BY_KEY["http.cors_origins"], value, "config.yaml")
