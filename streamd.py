@@ -2330,19 +2330,19 @@ class HTTPFront:
             if reload or keys is not None:
                 log(logging.INFO, "API keys loaded" if keys is not None else "API keys off", keys=len(keys or ()))
             self.keys = keys
-        page_path = cfg["http.demo_page"] or default_demo_page()
+        named = cfg["http.demo_page"]
+        self.page_path = named or default_demo_page()
         try:
-            with open(page_path, "rb") as f:
-                self.page, self.page_path = f.read(), page_path
+            with open(self.page_path, "rb") as f:
+                self.page = f.read()
         except OSError as e:
-            if cfg["http.demo_page"] and not reload:
-                raise ConfigError("http.demo_page: cannot read %s: %s" % (page_path, e.strerror)) from None
-            if cfg["http.demo_page"] or not reload:
-                log(logging.INFO if not cfg["http.demo_page"] else logging.ERROR,
-                    "no demo page: / answers 404", path=page_path, error=e.strerror)
+            if named and not reload:
+                raise ConfigError("http.demo_page: cannot read %s: %s" % (self.page_path, e.strerror)) from None
             if not reload:
-                self.page = None
-            self.page_path = page_path
+                self.page = None  # (streamd.py copied alone: / is a 404 that says why)
+            log(logging.ERROR if named else logging.INFO,
+                "reload: keeping the previous demo page" if self.page else "no demo page: / answers 404",
+                path=self.page_path, error=e.strerror)
 
     def start(self, socks) -> None:
         self.listeners = socks
