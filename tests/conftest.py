@@ -92,6 +92,13 @@ class InProcess:
     def close(self):
         self.d.close()
 
+    def finish(self, fdcheck):
+        """The end of an error-path test: every connection released, the
+        daemon closed, and no fd left open."""
+        self.pump(lambda: not self.d.conns)
+        self.close()
+        fdcheck.assert_no_leak()
+
 
 @pytest.fixture
 def daemon(tmp_path):

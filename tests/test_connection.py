@@ -179,9 +179,7 @@ def test_capacity_answers_503(daemon, fdcheck):
     assert ip.d.stats.rejected == 1
     for c in held + [extra]:
         c.close()
-    ip.pump(lambda: not ip.d.conns)
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 def test_emfile_pauses_accepting_without_spinning(daemon, fdcheck):
@@ -211,9 +209,7 @@ def test_emfile_pauses_accepting_without_spinning(daemon, fdcheck):
     ip.pump(c.done)
     assert c.data.endswith(b"data: [DONE]\n\n")
     c.close()
-    ip.pump(lambda: not ip.d.conns)
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 def test_backend_exception_before_head_is_500_and_isolated(daemon, fdcheck, probe_backend):
@@ -232,9 +228,7 @@ def test_backend_exception_before_head_is_500_and_isolated(daemon, fdcheck, prob
     assert json.loads(bad.parsed().body)["error"]["type"] == "internal_error"
     assert good.data.endswith(b'"still fine"}\n\ndata: [DONE]\n\n')
     bad.close(), good.close()
-    ip.pump(lambda: not ip.d.conns)
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 def test_backend_exception_after_head_is_error_event(daemon, probe_backend):

@@ -107,9 +107,7 @@ def test_bad_post_body_gets_400_naming_the_field(daemon, fdcheck, body, words):
     status, headers, resp = exchange(ip, post(body))
     assert status == 400 and words in error_of(resp)["message"]
     assert headers["Content-Type"] == "application/json" and headers["Connection"] == "close"
-    ip.pump(lambda: not ip.d.conns)
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 # ---- the other routes and the HTTP errors ----
@@ -183,9 +181,7 @@ def test_slow_request_gets_408_however_it_trickles(daemon, fdcheck):
     status, _, body = split(c.data)
     assert status == 408 and "10s" in error_of(body)["message"]
     c.close()
-    ip.pump(lambda: not ip.d.conns)
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 def test_client_leaving_mid_request_or_mid_stream_frees_everything(daemon, fdcheck):
@@ -241,9 +237,7 @@ def test_api_keys(daemon, tmp_path, fdcheck):
     # Pages need no key.
     assert exchange(ip, get("/healthz"))[0] == 200
     assert json.loads(exchange(ip, get("/v1/backends"))[2])["auth"] is True
-    ip.pump(lambda: not ip.d.conns)
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 def test_keys_are_kept_only_as_digests(tmp_path):
@@ -419,9 +413,7 @@ def test_websocket_bad_frames_and_requests_close_with_a_code(daemon, fdcheck, fr
         err = ws_messages(c.data[:-4])[0]
         assert err["type"] == "error" and err["error"]["status"] == 400
     c.close()
-    ip.pump(lambda: not ip.d.conns)
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 def test_websocket_that_never_sends_its_request_times_out(daemon):

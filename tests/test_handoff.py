@@ -99,9 +99,7 @@ def test_bad_json_gets_400(daemon, fdcheck, data, field):
     assert r.headers["Content-Type"] == "application/json" and r.headers["Connection"] == "close"
     assert ip.d.stats.handoff_errors["bad_json"] == 1
     c.close()
-    ip.pump(lambda: not ip.d.conns)
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 def test_too_large_gets_413(daemon, fdcheck):
@@ -117,9 +115,7 @@ def test_too_large_gets_413(daemon, fdcheck):
     ip.pump(lambda: c2.has(b"HTTP/1.1"))
     assert c2.data.startswith(b"HTTP/1.1 200")
     c.close(), c2.close()
-    ip.pump(lambda: not ip.d.conns)
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 def test_default_limit_is_128k(daemon, fdcheck):
@@ -136,9 +132,7 @@ def test_message_without_fd(daemon, fdcheck):
     ip = daemon()
     raw_handoff(ip.path, b'{"prompt": "x"}', [])
     ip.pump(lambda: ip.d.stats.handoff_errors["no_fd"] == 1)
-    ip.pump(lambda: not ip.d.conns)
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 def test_peer_closes_without_message(daemon, fdcheck):
@@ -299,6 +293,4 @@ def test_burst_of_handoffs_is_accepted_in_one_pass(daemon, fdcheck):
     for i, c in enumerate(clients):
         assert b"User ID: %d\"" % i in c.data and c.data.endswith(b"data: [DONE]\n\n")
         c.close()
-    ip.pump(lambda: not ip.d.conns)
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
