@@ -262,6 +262,11 @@ def test_access_log_line(daemon_proc):
 
 def test_no_fd_leak_in_daemon_process(daemon_proc):
     d = daemon_proc("--message-delay", "1ms")
+    # One stream first: the daemon sends READY=1 from a socket it closes a
+    # moment later, so counting right after READY=1 could count that one too.
+    c = handoff_pair(d.path, b"\0")
+    read_until_eof(c)
+    c.close()
     base = d.fd_count()
     for data in (b"{bad", b'{"prompt": 1}', b"\0"):
         c = handoff_pair(d.path, data)
