@@ -262,11 +262,13 @@ def test_access_log_line(daemon_proc):
 
 def test_no_fd_leak_in_daemon_process(daemon_proc):
     d = daemon_proc("--message-delay", "1ms")
-    # One stream first: the daemon sends READY=1 from a socket it closes a
-    # moment later, so counting right after READY=1 could count that one too.
+    # The baseline is taken when the daemon is idle: after one stream whose
+    # access line is logged (it is written once the socket is closed), and not
+    # right after READY=1, which comes from a socket closed a moment later.
     c = handoff_pair(d.path, b"\0")
     read_until_eof(c)
     c.close()
+    d.wait_log("msg=\"stream done\"", 1)
     base = d.fd_count()
     for data in (b"{bad", b'{"prompt": 1}', b"\0"):
         c = handoff_pair(d.path, data)
@@ -277,9 +279,8 @@ def test_no_fd_leak_in_daemon_process(daemon_proc):
         raw_handoff(d.path, b"\0", [f.fileno()])
     c = handoff_pair(d.path, b"\0")
     read_until_eof(c)
-    c.close()  # a stream in order is done when the daemon has closed this one
-    for _ in range(50):
-        if d.fd_count() == base:
-            break
-        threading.Event().wait(0.05)
+    c.close()
+    d.wait_log("msg=\"stream done\"", 5)
+    d.wait_log("reason=no_fd")
+    d.wait_log("reason=bad_fd")
     assert d.fd_count() == base
