@@ -185,11 +185,13 @@ class Reader(threading.Thread):
 def test_sigterm_drains(daemon_proc):
     """Streams that can finish within shutdown_timeout end with [DONE]; the
     rest get the shutdown error event; exit 0; the socket file is gone."""
-    d = daemon_proc("--message-delay", "100ms", "--shutdown-timeout", "1s")
+    d = daemon_proc("--message-delay", "200ms", "--shutdown-timeout", "2500ms")
     early = Reader(handoff_pair(d.path, b'{"user_id": 1}'))
     early.got_first.wait(5)
-    # The early stream is ~1.7 s long; start the late one 1.1 s later.
-    threading.Event().wait(1.1)
+    # The early stream is ~3.4 s long; the late one starts 2 s later, so at
+    # the drain deadline (~4.5 s) the early one has ~1.1 s to spare and the
+    # late one ~1.1 s still to go: margins a loaded machine cannot eat.
+    threading.Event().wait(2)
     late = Reader(handoff_pair(d.path, b'{"user_id": 2}'))
     late.got_first.wait(5)
     d.signal(signal.SIGTERM)
