@@ -92,11 +92,13 @@ class InProcess:
     def close(self):
         self.d.close()
 
-    def finish(self, fdcheck):
+    def finish(self, fdcheck, *others):
         """The end of an error-path test: every connection released, the
-        daemon closed, and no fd left open."""
+        daemon closed (then `others`, e.g. the test upstream), and no fd left open."""
         self.pump(lambda: not self.d.conns)
         self.close()
+        for o in others:
+            o.close()
         fdcheck.assert_no_leak()
 
 

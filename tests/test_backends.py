@@ -93,10 +93,7 @@ def test_full_stream(daemon, upstream, name, fdcheck):
         assert body["input"]["messages"][-1] == {"type": "human", "content": "Hi"}
         assert body["on_disconnect"] == "cancel"
     c.close()
-    ip.pump(lambda: not ip.d.conns)
-    ip.close()
-    up.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck, up)
 
 
 @pytest.mark.parametrize("name", PROVIDERS)
@@ -139,10 +136,7 @@ def test_error_status(daemon, upstream, name, upstream_status, status, fdcheck):
     if status == 503:
         assert r.headers["Retry-After"] == "7"
     c.close()
-    ip.pump(lambda: not ip.d.conns)
-    ip.close()
-    up.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck, up)
 
 
 @pytest.mark.parametrize("name", PROVIDERS)
@@ -181,9 +175,7 @@ def test_client_vanishes_upstream_sees_it(daemon, upstream, name, fdcheck):
     ip.pump(lambda: not ip.d.conns)
     assert up.last().hung_up.wait(1.0), "the upstream did not see the disconnect within 1 s"
     assert time.monotonic() - t0 < 1.0
-    ip.close()
-    up.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck, up)
 
 
 @pytest.mark.parametrize("name", PROVIDERS)
@@ -258,8 +250,7 @@ def test_api_socket_missing_is_502(daemon, tmp_path, fdcheck):
     c = stream(ip, {})
     assert c.parsed().status == 502 and "No such file" in json.loads(c.parsed().body)["error"]["message"]
     c.close()
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 def test_connect_refused_is_502(daemon, fdcheck):
@@ -273,8 +264,7 @@ def test_connect_refused_is_502(daemon, fdcheck):
     r = c.parsed()
     assert r.status == 502 and "cannot connect to 127.0.0.1:%d" % port in json.loads(r.body)["error"]["message"]
     c.close()
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 @pytest.fixture(scope="module")

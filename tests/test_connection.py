@@ -57,8 +57,7 @@ def test_client_disconnect_cancels_backend_at_once(daemon, fdcheck, probe_backen
     c.close()
     ip.pump(lambda: probe.closed)  # no clock movement needed: EOF alone cancels it
     assert not ip.d.conns and ip.d.stats.failed == 1
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 def test_mock_disconnect_mid_stream(daemon, fdcheck):
@@ -68,8 +67,7 @@ def test_mock_disconnect_mid_stream(daemon, fdcheck):
     c.close()
     ip.pump(lambda: not ip.d.conns)
     assert ip.d.stats.failed == 1 and len(ip.d.timers) <= 1  # its sleep timer was cancelled
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 def test_backpressure_pauses_backend(daemon, probe_backend):
@@ -114,8 +112,7 @@ def test_slow_client_write_timeout_measures_progress(daemon, fdcheck, probe_back
     ip.pump(lambda: not ip.d.conns)
     assert conn.outcome == "timeout" and probe.closed
     c.close()
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 def test_buffer_limit_drops_slow_client(daemon, fdcheck, probe_backend):
@@ -130,8 +127,7 @@ def test_buffer_limit_drops_slow_client(daemon, fdcheck, probe_backend):
     c.read()
     assert c.eof
     c.close()
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 def test_heartbeat_after_silence(daemon, probe_backend):
@@ -322,8 +318,7 @@ def test_fin_before_close_and_linger(daemon, fdcheck):
     c.close()
     ip.pump(lambda: not ip.d.conns)
     assert conn.outcome == "done"
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 def test_linger_expires_for_a_client_that_never_closes(daemon):

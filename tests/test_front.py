@@ -80,8 +80,7 @@ def test_stream_is_byte_for_byte_the_handoff_response(daemon, fdcheck, raw):
     ip.pump(lambda: not ip.d.conns)
     assert ip.d.stats.completed == 2 and ip.d.stats.handoffs == 1
     assert ip.d.stats.http_responses == {"200": 1}
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 def test_query_fields_are_typed_and_checked(daemon):
@@ -163,8 +162,7 @@ def test_http_errors(daemon, fdcheck, raw, status, extra):
         assert headers[extra[0]] == extra[1]
     ip.pump(lambda: not ip.d.conns)
     assert ip.d.stats.http_responses == {str(status): 1}
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 def test_slow_request_gets_408_however_it_trickles(daemon, fdcheck):
@@ -195,8 +193,7 @@ def test_client_leaving_mid_request_or_mid_stream_frees_everything(daemon, fdche
     ip.pump(lambda: not ip.d.conns)
     assert ip.d.stats.stream_errors["client_disconnected"] == 1
     assert ip.d.front.active == {}
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 def test_at_capacity_and_draining_get_503(daemon):
@@ -319,8 +316,7 @@ def test_concurrent_stream_cap_per_key(daemon, tmp_path, fdcheck):
         x.close()
     ip.pump(lambda: not ip.d.conns)
     assert ip.d.front.active == {}
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 # ---- the WebSocket, with raw frames ----
@@ -363,8 +359,7 @@ def test_websocket_request_message_chunks_done_close(daemon, fdcheck):
     c.close()
     ip.pump(lambda: not ip.d.conns)
     assert ip.d.stats.completed == 1 and ip.d.stats.http_responses == {"101": 1}
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 def test_websocket_request_in_the_query_ping_pong_and_heartbeat(daemon):
@@ -391,8 +386,7 @@ def test_websocket_client_close_cancels_the_stream(daemon, fdcheck):
     c.close()
     ip.pump(lambda: not ip.d.conns)
     assert ip.d.stats.stream_errors["client_disconnected"] == 1
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 @pytest.mark.parametrize("frame,code", [
@@ -454,8 +448,7 @@ def test_handoffs_and_direct_clients_share_the_loop(daemon, fdcheck):
         c.close()
     ip.pump(lambda: not ip.d.conns)
     assert ip.d.stats.handoffs == 20 and ip.d.stats.completed == 40
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 def test_expect_100_continue_is_answered_before_the_body(daemon):
@@ -481,8 +474,7 @@ def test_a_connection_that_never_sends_a_byte_is_closed_quietly(daemon, fdcheck)
     c.close()
     ip.pump(lambda: not ip.d.conns)
     assert ip.d.stats.http_responses == {"0": 1}
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 def test_bucket_table_is_bounded(daemon):

@@ -35,8 +35,7 @@ def test_mock_stream_full_bytes(daemon, fdcheck):
     c.close()
     ip.pump(lambda: not ip.d.conns)
     assert ip.d.stats.completed == 1 and ip.d.stats.handoffs == 1
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 def test_mock_timing_uses_message_delay(daemon):
@@ -124,8 +123,7 @@ def test_default_limit_is_128k(daemon, fdcheck):
     ip.pump(c.done)
     assert responses(c)[0] == 413
     c.close()
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 def test_message_without_fd(daemon, fdcheck):
@@ -143,8 +141,7 @@ def test_peer_closes_without_message(daemon, fdcheck):
     s.close()
     ip.pump(lambda: ip.d.stats.handoff_errors["no_fd"] == 1)
     assert not ip.d.conns
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 @pytest.mark.parametrize("n", [2, 3])
@@ -164,8 +161,7 @@ def test_extra_fds_are_closed_first_is_served(daemon, fdcheck, n):
         assert mine.recv(10) == b""
     for mine, _ in pairs:
         mine.close()
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 def test_too_many_fds_ctrunc_closes_all(daemon, fdcheck):
@@ -180,8 +176,7 @@ def test_too_many_fds_ctrunc_closes_all(daemon, fdcheck):
         mine.settimeout(2)
         assert mine.recv(10) == b""  # nothing was answered; every fd that arrived was closed
         mine.close()
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 def test_non_socket_fd(daemon, fdcheck):
@@ -194,8 +189,7 @@ def test_non_socket_fd(daemon, fdcheck):
     os.close(r)
     ip.pump(lambda: ip.d.stats.handoff_errors["bad_fd"] == 2)
     os.close(w)
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 def test_datagram_socket_fd(daemon, fdcheck):
@@ -205,8 +199,7 @@ def test_datagram_socket_fd(daemon, fdcheck):
     b.close()
     ip.pump(lambda: ip.d.stats.handoff_errors["bad_fd"] == 1)
     a.close()
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 def test_silent_connection_hits_handoff_timeout(daemon, fdcheck):
@@ -223,8 +216,7 @@ def test_silent_connection_hits_handoff_timeout(daemon, fdcheck):
     s.settimeout(2)
     assert s.recv(10) == b""  # the daemon closed the Unix connection
     s.close()
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 def test_handoff_over_tcp_socket(daemon, fdcheck):
@@ -243,8 +235,7 @@ def test_handoff_over_tcp_socket(daemon, fdcheck):
     ip.pump(c.done)
     assert c.data.startswith(b"HTTP/1.1 200 OK") and c.data.endswith(b"data: [DONE]\n\n")
     c.close()
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 def test_zero_length_seqpacket_message_with_fd(daemon):
@@ -272,8 +263,7 @@ def test_stream_socket_type_reads_until_eof(daemon, fdcheck, tmp_path):
     ip.pump(c.done)
     assert b"Prompt: in pieces" in c.data and b"User ID: 5" in c.data
     c.close()
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 def test_stream_socket_type_too_large(daemon, fdcheck):
@@ -282,8 +272,7 @@ def test_stream_socket_type_too_large(daemon, fdcheck):
     ip.pump(c.done)
     assert c.data.startswith(b"HTTP/1.1 413")
     c.close()
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 def test_burst_of_handoffs_is_accepted_in_one_pass(daemon, fdcheck):

@@ -34,10 +34,7 @@ def test_h2c_streams(daemon, h2up, name, pattern, expected, fdcheck):
     assert rec.protocol == "h2" and rec.headers.get("x-test-pattern", "") == pattern
     assert rec.body is not None  # the JSON body arrived over DATA frames
     c.close()
-    ip.pump(lambda: not ip.d.conns)
-    ip.close()
-    up.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck, up)
 
 
 @pytest.mark.parametrize("name", PROVIDERS)

@@ -156,8 +156,7 @@ def test_metrics_client_timeout(daemon, fdcheck):
     s.settimeout(2)
     assert s.recv(10) == b""
     s.close()
-    ip.close()
-    fdcheck.assert_no_leak()
+    ip.finish(fdcheck)
 
 
 def test_metrics_without_prometheus_client(tmp_path):
