@@ -207,6 +207,28 @@ def p_mode(v):
     return int(v.strip(), 8)
 
 
+@_parser("an existing group name or a numeric gid, or empty")
+def p_group(v):
+    import grp
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = str(v)
+    if not isinstance(v, str):
+        raise ValueError
+    v = v.strip()
+    if v and not v.isdigit():
+        try:
+            grp.getgrnam(v)
+        except KeyError:
+            raise ValueError from None
+    return v
+
+
+def group_id(name: str) -> int:
+    """The gid for p_group's value: a number is taken as it is."""
+    import grp
+    return int(name) if name.isdigit() else grp.getgrnam(name).gr_gid
+
+
 @_parser("HOST:PORT, or empty to disable")
 def p_addr(v):
     if not isinstance(v, str):
@@ -301,6 +323,8 @@ OPTIONS = [
            help="Unix socket Apache hands connections to"),
     Option("server.socket_mode", 0o660, p_mode, "--socket-mode",
            help="file mode of the socket; Apache's user needs write access"),
+    Option("server.socket_group", "", p_group, "--socket-group",
+           help="group to give the socket file (e.g. www-data) when streamd runs as another user; empty: unchanged"),
     Option("server.socket_type", "seqpacket", p_choice("seqpacket", "stream"), "--socket-type",
            help="seqpacket (current module) or stream (older module builds)"),
     Option("server.max_connections", 50000, p_int(1), "--max-connections", live=True,
@@ -3717,21 +3741,31 @@ def bind_listener(cfg: dict):
     path = cfg["server.socket_path"]
     remove_stale_socket(path, sock_type)
     sock = socket.socket(socket.AF_UNIX, sock_type)
+    group, bound = cfg["server.socket_group"], False
+    where = "server.socket_path: cannot listen on %r" % path
     try:
         # bind() creates the file with the umask; restrict it before anyone can connect.
         old = os.umask(0o777 & ~cfg["server.socket_mode"])
         try:
             sock.bind(path)
+            bound = True
         finally:
             os.umask(old)
         os.chmod(path, cfg["server.socket_mode"])
+        if group:
+            where = "server.socket_group: cannot give %r to group %r" % (path, group)
+            os.chown(path, -1, group_id(group))
+            where = "server.socket_path: cannot listen on %r" % path
         # A big backlog: Apache does not retry EAGAIN on a full queue, so a
         # short one turns a burst of handoffs into failed requests.
         sock.listen(4096)
     except OSError as e:
         sock.close()
-        raise ConfigError("server.socket_path: cannot listen on %r: %s" % (path, e.strerror)) from None
-    log(logging.DEBUG, "listening", socket=path, type=cfg["server.socket_type"], mode="%04o" % cfg["server.socket_mode"])
+        if bound:
+            os.unlink(path)  # ours, and nobody could connect to it yet
+        raise ConfigError("%s: %s" % (where, e.strerror)) from None
+    log(logging.DEBUG, "listening", socket=path, type=cfg["server.socket_type"], mode="%04o" % cfg["server.socket_mode"],
+        group=cfg["server.socket_group"])
     return sock, (path, os.stat(path).st_ino)
 
 

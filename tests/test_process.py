@@ -88,6 +88,55 @@ def test_socket_file_mode_and_cleanup(daemon_proc):
     assert not os.path.exists(d.path)
 
 
+def other_group():
+    """A group this process may give files to, other than its own."""
+    import grp
+    mine = os.getgid()
+    allowed = [g.gr_gid for g in grp.getgrall()] if os.geteuid() == 0 else os.getgroups()
+    others = [g for g in allowed if g != mine]
+    if not others:
+        pytest.skip("this user belongs to no second group")
+    return grp.getgrgid(others[0]).gr_name, others[0]
+
+
+def test_socket_group(daemon_proc):
+    name, gid = other_group()
+    d = daemon_proc("--socket-group", name)
+    st = os.stat(d.path)
+    assert st.st_gid == gid and oct(st.st_mode & 0o777) == oct(0o660)
+
+
+def test_socket_group_by_number_and_errors(tmp_path, daemon_proc):
+    _, gid = other_group()
+    d = daemon_proc("--socket-group", str(gid))
+    assert os.stat(d.path).st_gid == gid
+    out = run_cli("--socket", str(tmp_path / "x.sock"), "--socket-group", "no-such-group", "--metrics-addr", "")
+    assert out.returncode == 2
+    assert out.stderr == ("streamd: --socket-group: expected an existing group name or a numeric gid, "
+                          "or empty, got 'no-such-group'\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/python3"),
+                    reason="needs root and a system python3 to run the daemon as 'nobody'")
+def test_socket_group_refused_leaves_no_socket_file():
+    """A user may only give a file to a group it belongs to: 'nobody' cannot
+    give its socket to root's group, says so, exits 2 and removes the file."""
+    import pwd
+    import tempfile
+    nobody = pwd.getpwnam("nobody")
+    with tempfile.TemporaryDirectory() as tmp:  # (pytest's tmp_path is closed to other users)
+        os.chmod(tmp, 0o777)
+        shutil.copy(STREAMD, tmp)  # a lone copy runs the mock: nothing else to reach
+        path = os.path.join(tmp, "x.sock")
+        out = subprocess.run(["/usr/bin/python3", os.path.join(tmp, "streamd.py"), "--socket", path,
+                              "--socket-group", "0", "--metrics-addr", ""], capture_output=True, text=True,
+                             timeout=30, user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[])
+        assert out.returncode == 2, out.stderr
+        assert out.stderr == ("streamd: server.socket_group: cannot give %r to group '0': "
+                              "Operation not permitted\n" % path)
+        assert not os.path.exists(path)
+
+
 def test_stale_socket_is_replaced(tmp_path, daemon_proc):
     path = tmp_path / "streamd.sock"
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
