@@ -735,6 +735,28 @@ def _parse_messages(value) -> list:
     return value
 
 
+class NonFiniteNumber(ValueError):
+    """NaN, Infinity, or a number too large for a float (1e400)."""
+
+
+def _not_json(name):
+    raise NonFiniteNumber("%s is not a JSON number" % name)
+
+
+def _finite(text):
+    v = float(text)
+    if v != v or v in (float("inf"), float("-inf")):
+        raise NonFiniteNumber("%s is out of range" % text[:20])
+    return v
+
+
+def loads_client_json(data):
+    """json.loads for what clients send: RFC 8259 only, so no NaN or Infinity,
+    and no number that becomes one (1e400); nothing non-finite can reach an
+    upstream request body.  Raises ValueError."""
+    return json.loads(data, parse_constant=_not_json, parse_float=_finite)
+
+
 def parse_handoff(data: bytes) -> Request:
     """Parse the X-Handoff-Data bytes; raise ProtocolError(400) naming the field.
 
@@ -745,10 +767,15 @@ def parse_handoff(data: bytes) -> Request:
     if not data:
         return req
     try:
-        obj = json.loads(data)
+        obj = loads_client_json(data)
     except (ValueError, RecursionError) as e:
         # ValueError includes invalid UTF-8; the position is safe to show, the text is not.
-        where = " at byte %d" % e.pos if isinstance(e, json.JSONDecodeError) else ""
+        if isinstance(e, json.JSONDecodeError):
+            where = " at byte %d" % e.pos
+        elif isinstance(e, NonFiniteNumber):
+            where = ": " + str(e)  # the number, never the text around it
+        else:
+            where = ""
         raise ProtocolError(400, "handoff data is not valid JSON%s" % where) from None
     if not isinstance(obj, dict):
         raise ProtocolError(400, "handoff data: expected a JSON object, got %s" % _type_name(obj))
@@ -2542,7 +2569,7 @@ class HTTPFront:
                      "assistant_id", "stream_mode"):
             if name in q:
                 obj[name] = q[name]
-        for name, conv in (("max_tokens", int), ("temperature", float), ("top_p", float)):
+        for name, conv in (("max_tokens", int), ("temperature", _finite), ("top_p", _finite)):
             if name in q:
                 try:
                     obj[name] = conv(q[name])
@@ -2553,7 +2580,7 @@ class HTTPFront:
             obj["include_usage"] = q["include_usage"].lower() in ("1", "true", "yes")
         if "messages" in q:
             try:
-                obj["messages"] = json.loads(q["messages"])
+                obj["messages"] = loads_client_json(q["messages"])
             except ValueError:
                 raise ProtocolError(400, "messages: expected a JSON list in the query string") from None
         return request_from_object(obj)

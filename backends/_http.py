@@ -608,6 +608,16 @@ class RetryableError(Exception):
         self.error, self.hint = error, hint
 
 
+def encode_json(body) -> bytes:
+    """A request body as UTF-8 JSON.  A lone surrogate (the client sent
+    "\\ud800") cannot be UTF-8: such a body goes \\u-escaped, as valid JSON
+    that carries exactly what the client sent."""
+    try:
+        return json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(body).encode("ascii")
+
+
 def open_stream(tgt: Target, cfg: dict, method: str, path: str, headers: dict, body,
                 secrets=()):
     """Connect (or reuse a pooled connection), send the request, read the head;
@@ -623,7 +633,7 @@ def open_stream(tgt: Target, cfg: dict, method: str, path: str, headers: dict, b
     x-should-retry says), with exponential backoff and full random jitter, or
     the upstream's Retry-After; at most upstream.max_retries times, within
     upstream.retry_budget seconds in all."""
-    payload = json.dumps(body, ensure_ascii=False).encode("utf-8") if body is not None else None
+    payload = None if body is None else encode_json(body)
     started = yield ("now",)
     attempt = 0
     while True:

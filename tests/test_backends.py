@@ -336,6 +336,17 @@ def test_openai_messages_and_model(daemon, upstream):
     assert [m["content"] for m in body["messages"]] == ["S", "a", "b", "c"]
 
 
+@pytest.mark.parametrize("name", PROVIDERS)
+def test_lone_surrogate_reaches_the_upstream_escaped(daemon, upstream, name):
+    """JSON may carry "\\ud800", which UTF-8 cannot: the request body goes
+    \\u-escaped (valid JSON, the client's text exactly), not a 500."""
+    up = upstream()
+    ip = daemon(**settings(name, up))
+    c = stream(ip, {"prompt": "a\ud800 ü"})
+    assert c.parsed().status == 200 and c.data.endswith(b"data: [DONE]\n\n")
+    assert "a\ud800 ü" in json.dumps(up.last().body, ensure_ascii=False)
+
+
 def test_anthropic_defaults(daemon, upstream):
     up = upstream()
     ip = daemon(**settings("anthropic", up))

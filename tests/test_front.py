@@ -89,6 +89,9 @@ def test_query_fields_are_typed_and_checked(daemon):
     assert status == 400 and error_of(body)["message"] == "max_tokens: expected an integer, got 'abc'"
     status, _, body = exchange(ip, get("/v1/stream?temperature=hot"))
     assert status == 400 and "temperature" in error_of(body)["message"]
+    for bad in ("nan", "inf", "-Infinity", "1e400"):
+        status, _, body = exchange(ip, get("/v1/stream?top_p=" + bad))
+        assert status == 400 and error_of(body)["message"] == "top_p: expected a number, got %r" % bad
     status, _, body = exchange(ip, get("/v1/stream?backend=nope"))
     assert status == 400 and "backend: 'nope' is not configured" in error_of(body)["message"]
     status, _, body = exchange(ip, get("/v1/stream?prompt=x&max_tokens=5&include_usage=true"))

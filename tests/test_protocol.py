@@ -88,6 +88,11 @@ def test_error_never_echoes_the_value():
     (b'"prompt"', "expected a JSON object, got string"),
     (b'{"prompt": "\xff\xfe"}', "not valid JSON"),
     (b"[" * 100000, "not valid JSON"),
+    # Python's json takes these; RFC 8259 does not, and no upstream would.
+    (b'{"temperature": NaN}', "not valid JSON: NaN is not a JSON number"),
+    (b'{"top_p": -Infinity}', "not valid JSON: -Infinity is not a JSON number"),
+    (b'{"langgraph_input": {"x": Infinity}}', "not valid JSON: Infinity is not a JSON number"),
+    (b'{"temperature": 1e400}', "not valid JSON: 1e400 is out of range"),
 ])
 def test_not_a_json_object(data, text):
     with pytest.raises(ProtocolError) as e:
