@@ -646,7 +646,12 @@ def message_text(content) -> str:
     return "".join(part["text"] for part in content)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _type_name(v) -> str:
+    if isinstance(v, str) and _SURROGATE.search(v):
+        return "a string with a lone surrogate escape"
     return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null",
             int: "integer", float: "number"}.get(type(v), type(v).__name__)
 
@@ -665,17 +670,24 @@ def _check_number(v):
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
+
+def _check_name(v):
+    """A string that goes into a URL, a header or a log line: it must be
+    encodable, so no lone surrogate (JSON allows "\\ud800"; UTF-8 does not)."""
+    return isinstance(v, str) and not _SURROGATE.search(v)
+
+
 _FIELD_CHECKS = {
     # name: (check, what the client should have sent)
     "prompt": (_check_str, "a string"),
     "system": (_check_str, "a string"),
-    "model": (_check_str, "a string"),
-    "request_id": (_check_str, "a string"),
-    "backend": (_check_str, "a string"),
-    "test_pattern": (lambda v: isinstance(v, str) and not _CONTROL.search(v),
+    "model": (_check_name, "a string"),
+    "request_id": (_check_name, "a string"),
+    "backend": (_check_name, "a string"),
+    "test_pattern": (lambda v: _check_name(v) and not _CONTROL.search(v),
                      "a string without control characters (it becomes an upstream header)"),
-    "thread_id": (_check_str, "a string"),
-    "assistant_id": (_check_str, "a string"),
+    "thread_id": (_check_name, "a string"),
+    "assistant_id": (_check_name, "a string"),
     "max_tokens": (lambda v: _check_int(v) and v >= 1, "an integer >= 1"),
     "temperature": (_check_number, "a number"),
     "top_p": (_check_number, "a number"),

@@ -76,6 +76,17 @@ def test_wrong_type_names_the_field(obj, field):
     assert str(e.value).startswith(field + ": expected ")
 
 
+@pytest.mark.parametrize("field", ["model", "backend", "thread_id", "assistant_id", "request_id", "test_pattern"])
+def test_names_with_a_lone_surrogate_are_refused(field):
+    """These go into URLs, headers and log lines, which must be encodable;
+    JSON allows "\\ud800", UTF-8 does not."""
+    with pytest.raises(ProtocolError) as e:
+        parse_handoff(b'{"%s": "gpt\\ud800"}' % field.encode())
+    assert str(e.value) == "%s: expected a string%s, got a string with a lone surrogate escape" % (
+        field, " without control characters (it becomes an upstream header)" if field == "test_pattern" else "")
+    assert parse_handoff(b'{"prompt": "text may: \\ud800"}').prompt == "text may: \ud800"
+
+
 def test_error_never_echoes_the_value():
     with pytest.raises(ProtocolError) as e:
         parse_handoff(json.dumps({"prompt": ["my secret prompt"]}).encode())
