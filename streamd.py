@@ -209,16 +209,15 @@ def p_mode(v):
 
 @_parser("an existing group name or a numeric gid, or empty")
 def p_group(v):
-    import grp
     if isinstance(v, int) and not isinstance(v, bool):
         v = str(v)
     if not isinstance(v, str):
         raise ValueError
     v = v.strip()
-    if v and not v.isdigit():
+    if v:
         try:
-            grp.getgrnam(v)
-        except KeyError:
+            group_id(v)
+        except KeyError:  # no such group
             raise ValueError from None
     return v
 
@@ -3780,31 +3779,31 @@ def bind_listener(cfg: dict):
     path = cfg["server.socket_path"]
     remove_stale_socket(path, sock_type)
     sock = socket.socket(socket.AF_UNIX, sock_type)
-    group, bound = cfg["server.socket_group"], False
-    where = "server.socket_path: cannot listen on %r" % path
     try:
         # bind() creates the file with the umask; restrict it before anyone can connect.
         old = os.umask(0o777 & ~cfg["server.socket_mode"])
         try:
             sock.bind(path)
-            bound = True
         finally:
             os.umask(old)
         os.chmod(path, cfg["server.socket_mode"])
-        if group:
-            where = "server.socket_group: cannot give %r to group %r" % (path, group)
-            os.chown(path, -1, group_id(group))
-            where = "server.socket_path: cannot listen on %r" % path
         # A big backlog: Apache does not retry EAGAIN on a full queue, so a
         # short one turns a burst of handoffs into failed requests.
         sock.listen(4096)
     except OSError as e:
         sock.close()
-        if bound:
-            os.unlink(path)  # ours, and nobody could connect to it yet
-        raise ConfigError("%s: %s" % (where, e.strerror)) from None
+        raise ConfigError("server.socket_path: cannot listen on %r: %s" % (path, e.strerror)) from None
+    group = cfg["server.socket_group"]
+    if group:
+        # Until this chown only our own group (and we) could connect: nothing to guard.
+        try:
+            os.chown(path, -1, group_id(group))
+        except OSError as e:
+            sock.close()
+            os.unlink(path)
+            raise ConfigError("server.socket_group: cannot give %r to group %r: %s" % (path, group, e.strerror)) from None
     log(logging.DEBUG, "listening", socket=path, type=cfg["server.socket_type"], mode="%04o" % cfg["server.socket_mode"],
-        group=cfg["server.socket_group"])
+        group=group)
     return sock, (path, os.stat(path).st_ino)
 
 
