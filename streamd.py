@@ -522,17 +522,34 @@ def load_config(flags: dict | None = None, env=None, path: str | None = None) ->
 
 logger = logging.getLogger("streamd")
 LOG_CONTEXT = {}  # fields on every line, e.g. {"worker": 2} in a pre-forked worker
-# (fullmatch everywhere: "$" would also match before a trailing newline)
-_LOGFMT_BARE = re.compile(r"[^\s\"=\\]+")
+# A value is written bare only if it is printable ASCII without space, quote,
+# "=" or backslash; anything else is quoted.  (fullmatch everywhere: "$" would
+# also match before a trailing newline.)
+_LOGFMT_BARE = re.compile(r"[!#-<>-\[\]-~]+")
+# Characters json.dumps leaves raw that a terminal or a log viewer would act on
+# (DEL, C1 controls, bidi overrides, line separators) or that cannot be UTF-8
+# (lone surrogates): written as \uXXXX.  (json.dumps escapes U+0000-U+001F.)
+_LOG_UNSAFE = re.compile("[\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ud800-\udfff]")
+MAX_LOG_VALUE = 256  # characters of one field value; a client's 100 KB request_id is cut
 
 
-def _logfmt_value(v) -> str:
+def _escape_unsafe(text: str) -> str:
+    return _LOG_UNSAFE.sub(lambda m: "\\u%04x" % ord(m.group()), text)
+
+
+def _cap(s: str) -> str:
+    return s if len(s) <= MAX_LOG_VALUE else "%s...[%d more]" % (s[:MAX_LOG_VALUE], len(s) - MAX_LOG_VALUE)
+
+
+def _logfmt_value(v, cap: bool = True) -> str:
     if type(v) is int:
         return str(v)  # the common case: no quoting needed
     s = v if isinstance(v, str) else repr(v) if isinstance(v, float) else str(v)
+    if cap:
+        s = _cap(s)
     if s and _LOGFMT_BARE.fullmatch(s):
         return s
-    return json.dumps(s, ensure_ascii=False)
+    return _escape_unsafe(json.dumps(s, ensure_ascii=False))
 
 
 _ts_cache = [None, ""]
@@ -553,7 +570,7 @@ class LogfmtFormatter(logging.Formatter):
         for k, v in itertools.chain(LOG_CONTEXT.items(), getattr(record, "fields", {}).items()):
             parts.append("%s=%s" % (k, _logfmt_value(v)))
         if record.exc_info:
-            parts.append("exc=" + _logfmt_value(self.formatException(record.exc_info)))
+            parts.append("exc=" + _logfmt_value(self.formatException(record.exc_info), cap=False))
         return " ".join(parts)
 
 
@@ -562,10 +579,11 @@ class JSONFormatter(logging.Formatter):
         ts = _timestamp(record.created)
         obj = {"ts": ts, "level": record.levelname.lower(), "msg": record.getMessage()}
         obj.update(LOG_CONTEXT)
-        obj.update(getattr(record, "fields", {}))
+        for k, v in getattr(record, "fields", {}).items():
+            obj[k] = _cap(v) if isinstance(v, str) else v
         if record.exc_info:
             obj["exc"] = self.formatException(record.exc_info)
-        return json.dumps(obj, ensure_ascii=False, default=str)
+        return _escape_unsafe(json.dumps(obj, ensure_ascii=False, default=str))
 
 
 def setup_logging(level: str, fmt: str, stream=None) -> None:
