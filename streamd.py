@@ -453,13 +453,13 @@ def parse_option(opt: Option, raw, source: str):
         return opt.parse(raw)
     except (ValueError, TypeError):
         where = source if source.startswith("-") or source.isupper() else "%s: %s" % (source, opt.key)
-        raise ConfigError("%s: expected %s, got %r" % (where, opt.parse.expect, raw)) from None
+        raise ConfigError("%s: expected %s, got %s" % (where, opt.parse.expect, _shown(raw))) from None
 
 
 def _flatten(tree, path: str, prefix: str = "") -> dict:
     out = {}
     if not isinstance(tree, dict):
-        raise ConfigError("%s: %s: expected a mapping, got %r" % (path, prefix or "top level", tree))
+        raise ConfigError("%s: %s: expected a mapping, got %s" % (path, prefix or "top level", _shown(tree)))
     for k, v in tree.items():
         key = "%s.%s" % (prefix, k) if prefix else str(k)
         if key in OPTION_BY_KEY:
@@ -467,8 +467,17 @@ def _flatten(tree, path: str, prefix: str = "") -> dict:
         elif isinstance(v, dict) and any(o.startswith(key + ".") for o in OPTION_BY_KEY):
             out.update(_flatten(v, path, key))
         else:
-            raise ConfigError("%s: %s: unknown key" % (path, key))
+            raise ConfigError("%s: %s: unknown key" % (path, key if _LOGFMT_BARE.fullmatch(key) else _shown(key)))
     return out
+
+
+def _shown(value) -> str:
+    """A value in an error message: repr, cut to one short line."""
+    shown = repr(value)
+    return shown if len(shown) <= 80 else shown[:60] + "...(%d characters)" % len(shown)
+
+
+MAX_CONFIG_BYTES = 1 << 20
 
 
 def read_config_file(path: str) -> dict:
@@ -479,15 +488,32 @@ def read_config_file(path: str) -> dict:
     except ImportError:
         raise ConfigError("%s: reading a config file needs PyYAML (pip install PyYAML)" % path) from None
     try:
-        with open(path, encoding="utf-8") as f:
-            tree = yaml.safe_load(f)
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError("%s: cannot read: %s" % (path, e.strerror)) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError("%s: larger than %d bytes; is it the right file?" % (path, MAX_CONFIG_BYTES))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError("%s: not UTF-8: byte 0x%02x at line %d (save the file as UTF-8)"
+                          % (path, raw[e.start], line)) from None
+    try:
+        tree = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = " at line %d" % (mark.line + 1) if mark else ""
-        raise ConfigError("%s: invalid YAML%s: %s" % (path, at, getattr(e, "problem", e))) from None
-    return _flatten(tree or {}, path)
+        problem = str(getattr(e, "problem", None) or e).replace("\n", " ")
+        raise ConfigError("%s: invalid YAML%s: %s" % (path, at, problem)) from None
+    except RecursionError:
+        raise ConfigError("%s: invalid YAML: nested too deeply" % path) from None
+    except (ValueError, TypeError, OverflowError) as e:
+        # What PyYAML's constructors raise for absurd values (an integer of 5,000 digits).
+        raise ConfigError("%s: invalid YAML: a value that cannot be converted (%s)"
+                          % (path, str(e).split(";")[0][:80])) from None
+    return _flatten(tree if tree is not None else {}, path)
 
 
 def load_config(flags: dict | None = None, env=None, path: str | None = None) -> dict:
