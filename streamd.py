@@ -79,15 +79,40 @@ class ProtocolError(StreamdError):
 
 class BackendError(StreamdError):
     """An upstream failure.  Before the response head it becomes `status`;
-    after it, an error event of type `kind`.  `reason` is the stream_errors label."""
+    after it, an error event of type `kind`.  `reason` is the stream_errors label.
+
+    `str()` is our own words, safe to log.  What the upstream said about it
+    goes in `detail`: the client is told (it explains the failure, and it is
+    the client's own request), the log is not, above debug level: upstreams
+    echo prompts and message text in their errors.  `upstream_type` is the
+    provider's error type or code (`overloaded_error`, `RESOURCE_EXHAUSTED`),
+    which is safe to log."""
 
     def __init__(self, message: str, status: int = 502, kind: str = "upstream_error",
-                 reason: str = "upstream", retry_after: int | None = None):
+                 reason: str = "upstream", retry_after: int | None = None,
+                 detail: str = "", upstream_type: str = ""):
         super().__init__(message)
         self.status = status
         self.kind = kind
         self.reason = reason
         self.retry_after = retry_after
+        self.detail = detail
+        self.upstream_type = upstream_type
+
+    def public(self) -> str:
+        """The message for the client: ours, the upstream's type, its words."""
+        text = str(self)
+        if self.upstream_type:
+            text += " (%s)" % self.upstream_type
+        return text + ": " + self.detail if self.detail else text
+
+    def log_fields(self) -> dict:
+        fields = {"error": str(self)}
+        if self.upstream_type:
+            fields["upstream_error"] = self.upstream_type
+        if self.detail:
+            fields["upstream_message_len"] = len(self.detail)
+        return fields
 
 
 # ---- Config ----
@@ -337,7 +362,8 @@ OPTIONS = [
     Option("server.write_high_water", 64 * 1024, p_size, "--write-high-water", live=True,
            help="queued bytes above which the backend is paused"),
     Option("server.write_buffer_limit", 256 * 1024, p_size, "--write-buffer-limit", live=True,
-           help="queued bytes above which a slow client is dropped"),
+           help="queued bytes above which a client that does not read is dropped (on top of one backend "
+                "step's output, which is delivered whole)"),
     Option("server.max_stream_duration", 300.0, p_duration(allow_zero=True), "--max-stream-duration",
            live=True, help="longest a stream may run before it ends with a timeout error event"),
     Option("server.shutdown_timeout", 120.0, p_duration(allow_zero=True), "--shutdown-timeout",
@@ -407,6 +433,12 @@ OPTIONS = [
            help="how long an open circuit refuses before letting one probe through"),
     Option("http.listen", [], p_addrs, "--listen", env="STREAMD_LISTEN",
            help="HOST:PORT for the direct HTTP front (repeatable; off when empty)"),
+    Option("http.max_connections", 0, p_int(0), "--http-max-connections", live=True,
+           help="connections the front may hold (its share of server.max_connections, which handoffs keep "
+                "the rest of); more are answered 503 at once; 0: a quarter of server.max_connections"),
+    Option("http.max_pending_per_address", 16, p_int(0), "--http-max-pending-per-address", live=True,
+           help="connections one client address may hold that have not sent a whole request yet; more "
+                "get 429 at once (trusted proxies are exempt); 0: no cap"),
     Option("http.api_keys_file", "", p_path_or_empty, "--api-keys", live=True,
            help="file of API keys, one per line (# comments); empty: no auth.  Re-read on SIGHUP"),
     Option("http.rate_limit", 100, p_int(0), "--rate-limit", live=True,
@@ -691,10 +723,21 @@ def message_text(content) -> str:
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
+# Limits on what a client's JSON may be (handoff data, a POST body, a
+# WebSocket message, ?messages=).  Python's json would recurse until
+# RecursionError on "[[[[…", and int() of a 5,000-digit number raises (and is
+# slow): both are refused before they can cost anything.
+MAX_JSON_DEPTH = 64
+MAX_INT_DIGITS = 40
+MAX_MESSAGES = 1000     # entries in `messages`
+MAX_NAME_LENGTH = 1024  # model, backend, request_id, thread_id, ...: they go into URLs, headers, logs
+
 
 def _type_name(v) -> str:
     if isinstance(v, str) and _SURROGATE.search(v):
         return "a string with a lone surrogate escape"
+    if isinstance(v, str) and len(v) > MAX_NAME_LENGTH:
+        return "a string of %d characters" % len(v)
     return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null",
             int: "integer", float: "number"}.get(type(v), type(v).__name__)
 
@@ -716,21 +759,25 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 def _check_name(v):
     """A string that goes into a URL, a header or a log line: it must be
-    encodable, so no lone surrogate (JSON allows "\\ud800"; UTF-8 does not)."""
-    return isinstance(v, str) and not _SURROGATE.search(v)
+    encodable, so no lone surrogate (JSON allows "\\ud800"; UTF-8 does not),
+    and of a sane length."""
+    return isinstance(v, str) and len(v) <= MAX_NAME_LENGTH and not _SURROGATE.search(v)
+
+
+_NAME = "a string of at most %d characters" % MAX_NAME_LENGTH
 
 
 _FIELD_CHECKS = {
     # name: (check, what the client should have sent)
     "prompt": (_check_str, "a string"),
     "system": (_check_str, "a string"),
-    "model": (_check_name, "a string"),
-    "request_id": (_check_name, "a string"),
-    "backend": (_check_name, "a string"),
+    "model": (_check_name, _NAME),
+    "request_id": (_check_name, _NAME),
+    "backend": (_check_name, _NAME),
     "test_pattern": (lambda v: _check_name(v) and not _CONTROL.search(v),
-                     "a string without control characters (it becomes an upstream header)"),
-    "thread_id": (_check_name, "a string"),
-    "assistant_id": (_check_name, "a string"),
+                     _NAME + " without control characters (it becomes an upstream header)"),
+    "thread_id": (_check_name, _NAME),
+    "assistant_id": (_check_name, _NAME),
     "max_tokens": (lambda v: _check_int(v) and v >= 1, "an integer >= 1"),
     "temperature": (_check_number, "a number"),
     "top_p": (_check_number, "a number"),
@@ -773,6 +820,8 @@ def _bad(field: str, expected: str, value) -> ProtocolError:
 def _parse_messages(value) -> list:
     if not isinstance(value, list):
         raise _bad("messages", "a list of {role, content} objects", value)
+    if len(value) > MAX_MESSAGES:
+        raise ProtocolError(400, "messages: %d entries, more than the limit of %d" % (len(value), MAX_MESSAGES))
     for i, m in enumerate(value):
         where = "messages[%d]" % i
         if not isinstance(m, dict):
@@ -790,26 +839,60 @@ def _parse_messages(value) -> list:
     return value
 
 
-class NonFiniteNumber(ValueError):
-    """NaN, Infinity, or a number too large for a float (1e400)."""
+class ClientJSONError(ValueError):
+    """JSON we refuse although Python would parse it: NaN, Infinity, a number
+    too large for a float (1e400), an integer longer than MAX_INT_DIGITS, or
+    nesting deeper than MAX_JSON_DEPTH."""
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 
 def _not_json(name):
-    raise NonFiniteNumber("%s is not a JSON number" % name)
+    raise ClientJSONError("%s is not a JSON number" % name)
 
 
 def _finite(text):
     v = float(text)
     if v != v or v in (float("inf"), float("-inf")):
-        raise NonFiniteNumber("%s is out of range" % text[:20])
+        raise ClientJSONError("%s is out of range" % text[:20])
     return v
+
+
+def _bounded_int(text):
+    if len(text) > MAX_INT_DIGITS:
+        raise ClientJSONError("an integer of %d digits is too long" % len(text))
+    return int(text)
+
+
+def json_too_deep(data, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Do arrays and objects in this JSON text nest deeper than `limit`?
+    Brackets inside strings do not count.  The scan runs only when there are
+    more brackets than the limit at all (never, for a usual handoff)."""
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogatepass")
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return False
+    depth = 0
+    for c in _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS):
+        if c == 91 or c == 123:  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
 
 
 def loads_client_json(data):
     """json.loads for what clients send: RFC 8259 only, so no NaN or Infinity,
     and no number that becomes one (1e400); nothing non-finite can reach an
-    upstream request body.  Raises ValueError."""
-    return json.loads(data, parse_constant=_not_json, parse_float=_finite)
+    upstream request body.  Nesting and integer length are bounded (above).
+    Raises ValueError."""
+    if json_too_deep(data):
+        raise ClientJSONError("nested deeper than %d levels (the limit)" % MAX_JSON_DEPTH)
+    return json.loads(data, parse_constant=_not_json, parse_float=_finite, parse_int=_bounded_int)
 
 
 def parse_handoff(data: bytes) -> Request:
@@ -827,8 +910,8 @@ def parse_handoff(data: bytes) -> Request:
         # ValueError includes invalid UTF-8; the position is safe to show, the text is not.
         if isinstance(e, json.JSONDecodeError):
             where = " at byte %d" % e.pos
-        elif isinstance(e, NonFiniteNumber):
-            where = ": " + str(e)  # the number, never the text around it
+        elif isinstance(e, ClientJSONError):
+            where = ": " + str(e)  # the number or the limit, never the text around it
         else:
             where = ""
         raise ProtocolError(400, "handoff data is not valid JSON%s" % where) from None
@@ -952,6 +1035,7 @@ _REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP
 _FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FIELD_VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _ABSOLUTE_FORM = re.compile(r"https?://[^/?#]+", re.IGNORECASE)
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")  # "%" not followed by two hex digits
 
 
 class RequestParser:
@@ -1069,11 +1153,14 @@ class RequestParser:
         length = 0
         if "content-length" in headers:
             values = {v.strip() for v in headers["content-length"].split(",")}
-            if len(values) != 1 or not all(c in "0123456789" for c in next(iter(values))) or not next(iter(values)):
+            value = values.pop()
+            if values or not value or not all(c in "0123456789" for c in value):
                 raise HTTPError(400, "invalid Content-Length")
-            length = int(values.pop())
-            if length > self.max_body:
+            # Count the digits before int(): 5,000 of them make int() raise.
+            digits = value.lstrip("0")
+            if len(digits) > len(str(self.max_body)) or int(digits or "0") > self.max_body:
                 raise HTTPError(413, "request body larger than %d bytes" % self.max_body)
+            length = int(digits or "0")
         elif method in ("POST", "PUT", "PATCH"):
             raise HTTPError(411, "a %s needs a Content-Length header" % method)
         path, query = split_target(target)
@@ -1092,8 +1179,11 @@ def split_target(target: str):
         raise HTTPError(400, "request target must be a path")
     path, _, qs = target.partition("?")
     path = path.split("#", 1)[0]
+    qs = qs.split("#", 1)[0]
+    if _BAD_PERCENT.search(qs):
+        raise HTTPError(400, "malformed query string (invalid percent-encoding)")
     try:
-        query = dict(urllib.parse.parse_qsl(qs.split("#", 1)[0], keep_blank_values=True,
+        query = dict(urllib.parse.parse_qsl(qs, keep_blank_values=True,
                                             errors="strict", max_num_fields=64))
     except (ValueError, UnicodeDecodeError):
         raise HTTPError(400, "malformed query string (invalid percent-encoding or over 64 fields)") from None
@@ -1381,9 +1471,11 @@ class Timers:
                 best = q[0].when
         return best
 
-    def run_due(self, now: float, slack: float = 0.0) -> None:
+    def run_due(self, now: float, slack: float = 0.0, on_error=None) -> None:
         """Call every timer due by `now` (+ `slack`), in deadline order.  Timers
-        that callbacks set fire in a later pass, so zero delays cannot spin."""
+        that callbacks set fire in a later pass, so zero delays cannot spin.
+        A callback that raises is passed to on_error(timer, exception), and
+        the others still run."""
         until = now + slack
         due = []
         heap = self._heap
@@ -1413,7 +1505,12 @@ class Timers:
             lag = now - t.when  # negative when fired early, within the slack
             if lag > self.max_lag:
                 self.max_lag = lag
-            t.fn(t.arg)
+            try:
+                t.fn(t.arg)
+            except Exception as e:
+                if on_error is None:
+                    raise
+                on_error(t, e)
 
 
 # ---- Connection state machine ----
@@ -1495,7 +1592,7 @@ class Connection:
                  "started_at", "first_byte_at", "req", "backend_name", "gen", "parked",
                  "waiting", "status", "bytes", "chunks", "outcome", "has_client", "backend_error", "corked", "paced",
                  "paced_i", "paced_delay", "unix_buf",
-                 "unix_fds", "front")
+                 "unix_fds", "front", "fd_limit")
 
     def __init__(self, daemon, unix_sock, cid):
         self.daemon = daemon
@@ -1524,6 +1621,7 @@ class Connection:
         self.unix_buf = None  # stream-mode handoffs arrive in pieces until EOF
         self.unix_fds = None
         self.front = None     # a FrontState for a direct HTTP client (--listen)
+        self.fd_limit = False  # the fd table was full when its handoff arrived: answer 503
 
     def __repr__(self):
         return "<Connection %d %s>" % (self.id, self.state.name)
@@ -1544,37 +1642,58 @@ class Connection:
             self.mask = want
 
     # -- writing: send at once; queue only what the kernel did not take --
+    #
+    # Two limits.  Above write_high_water queued bytes, the backend parks (it
+    # and its upstream wait for the client); whatever drains the queue below
+    # it again (a direct send, uncork, flush) unparks it: sent() is the one
+    # place that decides.  The bytes of one backend step are taken as a unit
+    # (one event may be bigger than either limit; the step then parks), so
+    # write_buffer_limit caps what is queued on top of that: writes that keep
+    # coming while the client does not read (heartbeats, WebSocket pongs).
 
     def write(self, data) -> None:
         if self.state is State.CLOSED:
             return
         if self.corked:
             # Inside a backend step: collect, and send once when the step ends.
+            self.queue(data)
+            return
+        if self.out:
+            self.queue(data)
+            self.last_send = self.daemon.clock()
+            limit = self.cfg_limit("server.write_buffer_limit")
+            if len(self.out) > limit:
+                self.drop("slow_client", "write buffer over %d bytes" % limit)
+            return
+        self.send_now(data)
+
+    def queue(self, data) -> None:
+        if not self.out:
+            self.out = data  # often the only piece: no copy
+        else:
+            if type(self.out) is not bytearray:
+                self.out = bytearray(self.out)
             self.out += data
-        elif not self.out:
-            try:
-                n = self.sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                n = 0
-            except OSError as e:
-                self.client_gone(e)
-                return
-            self.bytes += n
-            now = self.daemon.clock()
-            self.last_send = now
-            if n == len(data):
-                return
-            self.last_progress = now
+
+    def send_now(self, data) -> None:
+        """Send `data` (nothing else is queued); queue what the kernel did not take."""
+        try:
+            n = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError as e:
+            self.client_gone(e)
+            return
+        self.bytes += n
+        now = self.daemon.clock()
+        self.last_send = now
+        if n == len(data):
+            self.out = b""
+        else:
+            self.last_progress = now  # the write timeout counts from here
             self.out = bytearray(memoryview(data)[n:])
             self.update_interest()
             self.arm_write_timer()
-        else:
-            if type(self.out) is bytes:
-                self.out = bytearray(self.out)
-            self.out += data
-            self.last_send = self.daemon.clock()
-        if len(self.out) > self.cfg_limit("server.write_buffer_limit"):
-            self.drop("slow_client", "write buffer over %d bytes" % self.cfg_limit("server.write_buffer_limit"))
 
     def cfg_limit(self, key):
         # The daemon's current config: limits and timeouts follow a SIGHUP at once.
@@ -1584,31 +1703,11 @@ class Connection:
         """End of a backend step: send what it wrote in one syscall (the head
         with the first event, the last event with [DONE]), queue the rest."""
         self.corked = False
-        if not self.out:
-            if self.state is State.FLUSHING:
-                self.shutdown_write()  # the stream ended with nothing left to send
+        if self.state is State.CLOSED:
             return
-        if self.state is State.CLOSED or self.mask & _WRITE:
-            return  # gone, or already waiting for the socket (flush() sends it all)
-        try:
-            n = self.sock.send(self.out)
-        except (BlockingIOError, InterruptedError):
-            n = 0
-        except OSError as e:
-            self.client_gone(e)
-            return
-        now = self.daemon.clock()
-        self.bytes += n
-        self.last_send = now
-        if n == len(self.out):
-            self.out = b""
-            if self.state is State.FLUSHING:
-                self.shutdown_write()
-            return
-        self.out = bytearray(memoryview(self.out)[n:])
-        self.last_progress = now
-        self.update_interest()
-        self.arm_write_timer()
+        if self.out and not self.mask & _WRITE:  # (else: waiting for the socket already; flush() sends it)
+            self.send_now(self.out)
+        self.sent()
 
     def flush(self) -> None:
         """The socket is writable: send what is queued."""
@@ -1623,19 +1722,26 @@ class Connection:
             if n == len(self.out):
                 self.out = b""
             else:
-                if type(self.out) is bytes:
+                if type(self.out) is not bytearray:
                     self.out = bytearray(self.out)
                 del self.out[:n]
             self.bytes += n
             self.last_progress = self.daemon.clock()
-        if self.out:
-            if self.parked and len(self.out) <= self.cfg_limit("server.write_high_water"):
-                self.daemon.unpark(self)
+        if not self.out:
+            self.update_interest()
+        self.sent()
+
+    def sent(self) -> None:
+        """The queue may have shrunk: finish a closing stream whose bytes are
+        all out, and wake a parked backend once the queue is under the
+        high-water mark, however it drained."""
+        if self.corked or self.state is State.CLOSED:
             return
-        self.update_interest()
-        if self.state is State.FLUSHING:
-            self.shutdown_write()
-        elif self.parked:
+        if not self.out:
+            if self.state is State.FLUSHING:
+                self.shutdown_write()
+                return
+        if self.parked and len(self.out) <= self.cfg_limit("server.write_high_water"):
             self.daemon.unpark(self)
 
     def arm_write_timer(self) -> None:
@@ -1721,7 +1827,8 @@ class Connection:
         # Compare with the same sum the timer was armed with: `now - last >= interval`
         # can disagree with `last + interval <= now` by a rounding error, and then
         # the timer would be re-armed in the past forever.
-        if self.last_send + self.cfg_limit("server.heartbeat_interval") <= self.daemon.clock():
+        # (Bytes still queued: the client is not idle, it is slow; no ping.)
+        if not self.out and self.last_send + self.cfg_limit("server.heartbeat_interval") <= self.daemon.clock():
             self.write(SSE_PING)
         self.arm_heartbeat()
 
@@ -1735,14 +1842,31 @@ class Connection:
         self.write(error_response(status, message, kind, retry_after, headers))
         self.after_last_write()
 
-    def last_words(self, kind: str, message: str):
-        """What to send, unbuffered, when the daemon stops at once: an error
-        event if the stream started, a 503 if not (None: nothing fits)."""
+    def last_words(self, kind: str, message: str, status: int = 503):
+        """What to send, unbuffered, when the connection must end at once (the
+        daemon stops, or handling it raised): an error event if the stream
+        started, an error status if not (None: nothing fits)."""
         if self.state is State.STREAMING:
             return sse_error(kind, message)
-        if self.state in (State.STARTING, State.REQUEST):
-            return error_response(503, message, retry_after=1)
+        if self.state in (State.STARTING, State.REQUEST) or (self.state is State.RECEIVING and self.has_client):
+            return error_response(status, message, kind, retry_after=1 if status == 503 else None)
         return None
+
+    def fail_internal(self) -> None:
+        """Handling this connection raised (a bug): its state may be half
+        changed, so do not go through the usual paths.  Send the client a
+        500 or an error event if one fits, best effort, and close."""
+        last = self.last_words("internal_error", "internal error", 500) if self.sock is not None else None
+        if last:
+            try:
+                self.sock.send(bytes(self.out) + last if self.out else last)
+            except OSError:
+                pass
+        self.outcome = "internal_error"
+        self.corked = False
+        if self.state is not State.CLOSED:
+            self.transition("abort")
+        self.daemon.release(self)
 
     def end_stream(self, final: bytes, outcome: str) -> None:
         """Queue the last event ([DONE] or an error event) and start closing."""
@@ -1922,7 +2046,10 @@ class HelperPool:
             pass
         while self.done:
             job = self.done.popleft()
-            self.daemon.call_finished(job)
+            try:
+                self.daemon.call_finished(job)
+            except Exception as e:
+                self.daemon.contained(e, "helper", job.conn)
 
     def close(self):
         for _ in self.threads:
@@ -2038,7 +2165,7 @@ class Stats:
 
     __slots__ = ("active_connections", "active_streams", "peak_streams", "started", "completed",
                  "failed", "bytes_sent", "chunks_sent", "handoffs", "handoff_errors", "rejected", "http_responses",
-                 "stream_errors", "backend_requests", "backend_errors",
+                 "stream_errors", "backend_requests", "backend_errors", "internal_errors",
                  "upstream_retries", "circuit_open", "handoff_duration", "stream_duration",
                  "backend_duration", "backend_ttfb", "loop_lag", "histograms")
 
@@ -2047,7 +2174,7 @@ class Stats:
                      "failed", "bytes_sent", "chunks_sent", "handoffs", "rejected"):
             setattr(self, name, 0)
         for name in ("handoff_errors", "stream_errors", "backend_requests", "backend_errors",
-                     "upstream_retries", "http_responses"):
+                     "upstream_retries", "http_responses", "internal_errors"):
             setattr(self, name, collections.Counter())
         self.circuit_open = {}
         self.histograms = histograms  # False under --benchmark: no metric observations
@@ -2081,7 +2208,8 @@ class Stats:
                         "backend_requests": dict(self.backend_requests),
                         "backend_errors": dict(self.backend_errors),
                         "upstream_retries": dict(self.upstream_retries),
-                        "http_responses": dict(self.http_responses)},
+                        "http_responses": dict(self.http_responses),
+                        "internal_errors": dict(self.internal_errors)},
             "circuit_open": dict(self.circuit_open),
             "histograms": {"handoff_duration": self.handoff_duration.dump(),
                            "stream_duration": self.stream_duration.dump(),
@@ -2139,11 +2267,16 @@ _HELP = {
     "upstream_retries": "Upstream requests retried before the first byte, by backend",
     "circuit_open": "1 while the backend's circuit breaker is open",
     "http_responses": "Direct HTTP front (--listen): connections ended, by response status (101: WebSocket, 0: none)",
+    "internal_errors": "Exceptions met while handling one connection (a bug; that connection was ended), by where",
 }
 _BUCKETS = {"handoff_duration": HANDOFF_BUCKETS, "stream_duration": STREAM_BUCKETS, "loop_lag": LAG_BUCKETS,
             "backend_duration": STREAM_BUCKETS, "backend_ttfb": TTFB_BUCKETS}
 _LABEL = {"handoff_errors": "reason", "stream_errors": "reason", "backend_requests": "backend",
-          "backend_errors": "backend", "upstream_retries": "backend", "http_responses": "code"}
+          "backend_errors": "backend", "upstream_retries": "backend", "http_responses": "code",
+          "internal_errors": "where"}
+# Every `where` of daemon_internal_errors_total, so the series exist (at 0) from the start.
+INTERNAL_WHERE = ("accept", "handoff", "front", "websocket", "client", "backend", "upstream", "helper",
+                  "timer", "metrics", "signal")
 
 
 class SnapshotCollector:
@@ -2177,6 +2310,9 @@ class SnapshotCollector:
                     table.setdefault(b, 0)
             elif name == "stream_errors":
                 for r in STREAM_REASONS:
+                    table.setdefault(r, 0)
+            elif name == "internal_errors":
+                for r in INTERNAL_WHERE:
                     table.setdefault(r, 0)
             for k in sorted(table):
                 fam.add_metric([k], table[k])
@@ -2218,6 +2354,7 @@ class MetricsServer:
     """GET /metrics and /healthz, served from the event loop: non-blocking,
     a request-size cap and a deadline, one request per connection."""
 
+    WHERE = "metrics"  # for daemon_internal_errors_total
     MAX_REQUEST = 8192
     TIMEOUT = 5.0
 
@@ -2320,6 +2457,15 @@ class MetricsServer:
     def response(status, ctype, body, headers=()):
         return http_response(status, ctype, body, headers)
 
+    def internal_error(self, c) -> None:
+        """Serving this client raised: a 500, best effort, and close it."""
+        if c in self.clients:
+            try:
+                c.send(self.response(500, "text/plain", b"internal error\n"))
+            except OSError:
+                pass
+            self.drop(c)
+
     def close(self):
         for c in list(self.clients):
             self.drop(c)
@@ -2347,10 +2493,11 @@ class FrontState:
     """What a direct client's Connection carries besides the stream."""
 
     __slots__ = ("parser", "peer", "identity", "counted", "route", "ws", "pending", "close_sent",
-                 "close_code", "cors")
+                 "close_code", "cors", "unfinished")
 
     def __init__(self, parser, peer):
         self.parser, self.peer = parser, peer
+        self.unfinished = None  # the address counted in HTTPFront.unfinished until the request is whole
         self.identity = None   # "key:<id>" or "addr:<ip>": whose limits this request counts against
         self.counted = False   # True while it holds one of its identity's concurrent streams
         self.route = ""
@@ -2397,6 +2544,10 @@ class HTTPFront:
         self.buckets = {}         # identity -> [tokens, when]
         self.active = collections.Counter()  # identity -> streams open
         self.t_sweep = None
+        self.open = 0             # connections held (its own budget: http.max_connections)
+        self.unfinished = collections.Counter()  # address -> connections without a whole request yet
+        self.turned_away = 0      # refused at accept since the last log line about it
+        self.turned_away_logged = -math.inf
 
     # -- setup --
 
@@ -2468,16 +2619,39 @@ class HTTPFront:
 
     # -- a connection: read the request --
 
-    def accepted(self, sock, addr) -> None:
+    def capacity(self) -> int:
+        cfg = self.daemon.cfg
+        return cfg["http.max_connections"] or max(1, self.daemon.max_connections // 4)
+
+    def accepted(self, conn: Connection, addr) -> None:
         d = self.daemon
         cfg = d.cfg
-        conn = Connection(d, sock, next(d.ids))
+        sock = conn.sock
+        peer = addr[0] if isinstance(addr, tuple) else ""
+        # The front has a budget of its own, so that clients of the front,
+        # however many connect and however slowly they send, cannot take
+        # the handoffs' capacity; one address may not hold many connections
+        # that have not sent a request yet (slowloris).  Over either, answer
+        # at once and close: holding the connection any longer would hand
+        # the flood what it wants.
+        per_address = cfg["http.max_pending_per_address"]
+        if not d.reserve.refill():
+            self.turn_away(conn, 503, "out of file descriptors", "fd_limit")
+            return
+        if self.open >= self.capacity():
+            self.turn_away(conn, 503, "the HTTP front is at capacity (%d connections)" % self.capacity(), "capacity")
+            return
+        if per_address and self.unfinished[peer] >= per_address and peer not in cfg["http.trusted_proxies"]:
+            self.turn_away(conn, 429, "too many unfinished requests from this address (limit %d)" % per_address,
+                           "per_address")
+            return
+        self.open += 1
+        self.unfinished[peer] += 1
         conn.state = State.REQUEST
         conn.front = FrontState(RequestParser(cfg["http.max_request_line"], cfg["http.max_header_bytes"],
-                                              cfg["http.max_headers"], cfg["http.max_body_bytes"]),
-                                addr[0] if isinstance(addr, tuple) else "")
+                                              cfg["http.max_headers"], cfg["http.max_body_bytes"]), peer)
+        conn.front.unfinished = peer
         conn.has_client = True
-        d.conns.add(conn)
         d.stats.active_connections += 1
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -2489,6 +2663,36 @@ class HTTPFront:
         # The request often arrived with the connection: read it now, and save
         # a trip through select() (as for handoffs).
         self.readable(conn)
+
+    def turn_away(self, conn: Connection, status: int, message: str, reason: str) -> None:
+        """Refuse a connection at accept: one write, best effort, and close."""
+        try:
+            conn.sock.send(error_response(status, message, retry_after=1))
+        except OSError:
+            pass
+        d = self.daemon
+        d.stats.http_responses[str(status)] += 1
+        # A flood must not become a flood of log lines: one line per 10 s at most.
+        self.turned_away += 1
+        now = d.clock()
+        if now - self.turned_away_logged >= 10.0:
+            log(logging.WARNING, "front connections turned away", status=status, reason=reason,
+                count=self.turned_away, open=self.open, max_connections=self.capacity())
+            self.turned_away, self.turned_away_logged = 0, now
+        conn.outcome = reason
+        conn.transition("abort")
+        d.release(conn)
+
+    def request_complete(self, conn: Connection) -> None:
+        """The request is whole: it no longer counts as unfinished."""
+        peer = conn.front.unfinished
+        if peer is not None:
+            conn.front.unfinished = None
+            n = self.unfinished[peer] - 1
+            if n:
+                self.unfinished[peer] = n
+            else:
+                del self.unfinished[peer]
 
     @staticmethod
     def request_timed_out(conn) -> None:
@@ -2532,6 +2736,7 @@ class HTTPFront:
                 conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             return
         conn.front.parser = None  # (its buffers: not needed any more)
+        self.request_complete(conn)
         self.daemon.timers.cancel(conn.t_life)
         conn.t_life = None
         # From here the socket is read only to notice the client leaving.
@@ -2761,6 +2966,8 @@ class HTTPFront:
 
     def release(self, conn: Connection) -> None:
         front = conn.front
+        self.open -= 1
+        self.request_complete(conn)
         if front.counted:
             front.counted = False
             n = self.active[front.identity] - 1
@@ -2861,10 +3068,11 @@ class WSConnection(Connection):
             self.send_frame(ws_close_frame(self.front.close_code))
         Connection.after_last_write(self)
 
-    def last_words(self, kind, message):
+    def last_words(self, kind, message, status=503):
         if self.front.close_sent:
             return None
-        return ws_text({"type": "error", "error": {"type": kind, "message": message}}) + ws_close_frame(1001)
+        return (ws_text({"type": "error", "error": {"type": kind, "message": message}})
+                + ws_close_frame(1011 if status == 500 else 1001))
 
     def received(self, data: bytes) -> None:
         try:
@@ -3015,6 +3223,7 @@ class Daemon(LoopBase):
         self.helpers = None  # HelperPool, made on the first "call"
         self.breakers = {}   # backend name -> Breaker
         self.front = None    # HTTPFront, with --listen
+        self.reserve = FdReserve()
 
     # -- the loop --
 
@@ -3033,11 +3242,14 @@ class Daemon(LoopBase):
         registered = self.selector.get_map()
         for key, mask in self.selector.select(timeout):
             if registered.get(key.fd) is key:
-                key.data(key.fileobj, mask)
+                try:
+                    key.data(key.fileobj, mask)
+                except Exception as e:
+                    self.contain(e, key.data, key.fileobj)
         # 4. Fire due timers, and those due within TIMER_SLACK: with thousands
         #    of streams on the same cadence, one pass then serves many of them
         #    instead of one select() each (Linux and Go timers do the same).
-        self.timers.run_due(self.clock(), TIMER_SLACK)
+        self.timers.run_due(self.clock(), TIMER_SLACK, self.timer_failed)
         # 5. Step the backends that can run.  Only those queued before this pass:
         #    a generator that re-queues itself waits for the next pass.
         for _ in range(len(self.runnable)):
@@ -3046,6 +3258,74 @@ class Daemon(LoopBase):
                 self.step(conn, value, exc)
         if self.draining and not self.conns:
             self.stopping = True
+
+    # -- containment: a bug met while handling one connection ends that one --
+    #
+    # One process holds every stream, so an exception that left the loop would
+    # end tens of thousands of them, and under Restart=on-failure the same
+    # request could do it again after every restart.  So every handler the
+    # loop calls (socket events, timers, backend steps) runs under a guard:
+    # an exception ends the connection it was handling (a 500 before the
+    # head, an error event after it), logs one "internal error" line with the
+    # traceback, and counts daemon_internal_errors_total{where}.  Objects that
+    # are not connections (an HTTP/2 connection, a metrics client) clean up
+    # with their internal_error(fileobj).  Only a failure of the loop's own
+    # machinery (select(), the timer heap) leaves run_once, and stops the daemon.
+
+    HANDLER_WHERE = {"on_unix_readable": "handoff", "on_request_io": "front", "on_client_io": "client",
+                     "on_backend_io": "backend"}
+
+    def contain(self, exc: Exception, handler, fileobj) -> None:
+        """An I/O handler raised: find what it was handling, and end that."""
+        owner = getattr(handler, "__self__", None)
+        name = getattr(handler, "__name__", "")
+        if isinstance(owner, Connection):
+            where = self.HANDLER_WHERE.get(name, "client")
+            if where == "client" and owner.front is not None:
+                where = "websocket" if owner.front.ws is not None else "front"
+            self.contained(exc, where, owner)
+        else:
+            where = getattr(owner, "WHERE", None) or {"on_accept": "accept", "on_signal": "signal"}.get(name, name)
+            self.contained(exc, where, None, owner, fileobj)
+
+    def timer_failed(self, timer, exc: Exception) -> None:
+        arg = timer.arg
+        conn = arg if isinstance(arg, Connection) else getattr(arg, "conn", None)
+        owner = getattr(timer.fn, "__self__", None)
+        self.contained(exc, "timer", conn if isinstance(conn, Connection) else None,
+                       None if owner is self else owner)
+
+    def contained(self, exc: Exception, where: str, conn=None, owner=None, fileobj=None) -> None:
+        self.stats.internal_errors[where] += 1
+        log(logging.ERROR, "internal error", where=where, conn=conn.id if conn is not None else "",
+            exc_info=(type(exc), exc, exc.__traceback__))
+        try:
+            if conn is not None:
+                conn.fail_internal()
+            elif owner is not None and hasattr(owner, "internal_error"):
+                owner.internal_error(fileobj)
+        except Exception:
+            # The clean-up itself raised: close what we can by hand.
+            log(logging.ERROR, "internal error while cleaning up", where=where, exc_info=True)
+            if conn is not None:
+                self.force_close(conn)
+
+    def force_close(self, conn: Connection) -> None:
+        self.conns.discard(conn)
+        for t in (conn.t_life, conn.t_write, conn.t_heartbeat, conn.t_backend):
+            self.timers.cancel(t)
+        close_fds(conn.unix_fds or ())
+        for sock in (conn.sock, conn.waiting if isinstance(conn.waiting, socket.socket) else None):
+            if sock is None:
+                continue
+            try:
+                self.selector.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+            try:
+                sock.close()
+            except OSError:
+                pass
 
     # -- the listener --
 
@@ -3095,6 +3375,8 @@ class Daemon(LoopBase):
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE) and self.reserve.release():
+                    continue  # a spare slot: take this one in, to answer it 503 (see FdReserve)
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     self.pause_accepting(e)
                     return
@@ -3102,19 +3384,22 @@ class Daemon(LoopBase):
                     continue
                 raise
             sock.setblocking(False)
-            if listener is self.listener:
-                self.accept_handoff(sock)
-            else:
-                self.front.accepted(sock, addr)
+            conn = Connection(self, sock, next(self.ids))
+            self.conns.add(conn)
+            try:
+                if listener is self.listener:
+                    self.accept_handoff(conn)
+                else:
+                    self.front.accepted(conn, addr)
+            except Exception as e:
+                self.contained(e, "handoff" if listener is self.listener else "front", conn)
 
-    def accept_handoff(self, sock) -> None:
-        conn = Connection(self, sock, next(self.ids))
-        self.conns.add(conn)
+    def accept_handoff(self, conn: Connection) -> None:
         # Apache sends its message right after connecting: try to read it now
         # and save a trip through select() for every handoff.
         self.receive(conn)
         if conn.state is State.RECEIVING:
-            self.selector.register(sock, _READ, conn.on_unix_readable)
+            self.selector.register(conn.sock, _READ, conn.on_unix_readable)
             conn.mask = _READ
             conn.t_life = self.timers.call_later(self.cfg["server.handoff_timeout"],
                                                  Daemon.handoff_timeout, conn)
@@ -3194,6 +3479,7 @@ class Daemon(LoopBase):
         log(logging.INFO, "metrics", addr="%s:%d" % self.metrics.addr[:2], enabled=registry is not None)
 
     def resume_accepting(self, _=None) -> None:
+        self.reserve.refill()
         if self.accept_paused:
             self.accept_paused = False
             for s in self.listeners():
@@ -3204,9 +3490,19 @@ class Daemon(LoopBase):
     @staticmethod
     def handoff_timeout(conn) -> None:
         conn.t_life = None
-        if conn.state is State.RECEIVING:
-            conn.daemon.handoff_failed(conn, "timeout", "no handoff message within %gs"
-                                       % conn.daemon.cfg["server.handoff_timeout"])
+        if conn.state is not State.RECEIVING:
+            return
+        d = conn.daemon
+        if conn.unix_fds:
+            # --socket-type stream, and the sender sent its fd but never closed:
+            # we hold the client, so answer it.  What arrived is all there is.
+            log(logging.WARNING, "handoff sender did not close; using the data that arrived", conn=conn.id,
+                bytes=len(conn.unix_buf))
+            data, fds = bytes(conn.unix_buf), conn.unix_fds
+            conn.unix_buf = conn.unix_fds = None
+            d.got_message(conn, data, fds, 0)
+            return
+        d.handoff_failed(conn, "timeout", "no handoff message within %gs" % d.cfg["server.handoff_timeout"])
 
     def receive(self, conn: Connection) -> None:
         """Read the handoff message: data plus SCM_RIGHTS fds."""
@@ -3218,6 +3514,9 @@ class Daemon(LoopBase):
         # a stream has no such flag, so read one byte more than allowed to notice.
         size = maxbytes + 1 - len(conn.unix_buf) if stream_mode else maxbytes
         # MSG_CMSG_CLOEXEC: received fds must not leak into child processes.
+        # A spare slot for the client's fd first, so that it is never lost
+        # to a full fd table (see FdReserve).
+        self.reserve.release()
         try:
             data, anc, flags, _ = conn.sock.recvmsg(size, socket.CMSG_SPACE(MAX_FDS * _FD_SIZE),
                                                     getattr(socket, "MSG_CMSG_CLOEXEC", 0))
@@ -3226,6 +3525,8 @@ class Daemon(LoopBase):
         except OSError as e:
             self.handoff_failed(conn, "network", "recvmsg failed: %s" % e.strerror)
             return
+        finally:
+            conn.fd_limit = not self.reserve.refill()
         fds = fds_from_ancillary(anc)
         if stream_mode:
             # A stream socket has no message boundary: the message is everything
@@ -3253,7 +3554,13 @@ class Daemon(LoopBase):
         # From here every fd in `fds` is ours to close exactly once.
         if flags & socket.MSG_CTRUNC:
             close_fds(fds)
-            self.handoff_failed(conn, "ctrunc", "control data truncated (more than %d fds?)" % MAX_FDS)
+            if len(fds) < MAX_FDS:
+                # Room was made for MAX_FDS: fewer means the kernel could not
+                # install them, because the fd table is full.
+                self.handoff_failed(conn, "emfile", "the client's socket was lost: out of file descriptors "
+                                    "(fd limit %s)" % (self.fd_limit or "?"))
+            else:
+                self.handoff_failed(conn, "ctrunc", "control data truncated (more than %d fds)" % MAX_FDS)
             return
         if not fds:
             self.handoff_failed(conn, "no_fd", "handoff message carried no file descriptor"
@@ -3264,7 +3571,7 @@ class Daemon(LoopBase):
             close_fds(fds[1:])
         client = adopt_client_socket(fds[0])
         if client is None:
-            self.handoff_failed(conn, "bad_fd", "received fd is not a stream socket")
+            self.handoff_failed(conn, "bad_fd", "received fd is not a connected stream socket")
             return
         conn.sock = client
         conn.has_client = True
@@ -3298,11 +3605,13 @@ class Daemon(LoopBase):
             log(logging.DEBUG, "dropped response headers", conn=conn.id, names=",".join(req.dropped_headers))
         if self.draining:
             conn.respond_error(503, "server is shutting down", retry_after=1, outcome="shutdown")
-        elif self.stats.active_connections > self.max_connections:
+        elif self.stats.active_connections > self.max_connections or conn.fd_limit:
             self.stats.rejected += 1
-            log(logging.WARNING, "at capacity", conn=conn.id, max_connections=self.max_connections)
-            conn.respond_error(503, "server at capacity (%d connections)" % self.max_connections,
-                               retry_after=1, outcome="rejected")
+            log(logging.WARNING, "at capacity", conn=conn.id, max_connections=self.max_connections,
+                fd_limit=self.fd_limit or "", reason="fd_limit" if conn.fd_limit else "max_connections")
+            conn.respond_error(503, "server at capacity (%s)" % (
+                "out of file descriptors" if conn.fd_limit else "%d connections" % self.max_connections),
+                retry_after=1, outcome="rejected")
         else:
             conn.transition(event)
             self.start_stream(conn)
@@ -3373,28 +3682,31 @@ class Daemon(LoopBase):
         gen = conn.gen
         ops = self.ops
         conn.corked = True
-        for _ in range(STEP_BUDGET):
-            try:
-                op = gen.throw(exc) if exc is not None else gen.send(value)
-            except StopIteration as stop:
-                self.backend_finished(conn, stop.value)
-                break
-            except Exception as e:
-                self.backend_failed(conn, e)
-                break
-            exc = None
-            try:
-                handler = ops[op[0]]
-            except (KeyError, TypeError, IndexError):
-                self.backend_failed(conn, BackendError("backend yielded an unknown operation %r" % (op,),
-                                                       status=500, kind="internal_error", reason="other"))
-                break
-            value = handler(conn, op)
-            if value is PARK:
-                break
-        else:
-            self.runnable.append((conn, value, None))
-        conn.uncork()
+        try:
+            for _ in range(STEP_BUDGET):
+                try:
+                    op = gen.throw(exc) if exc is not None else gen.send(value)
+                except StopIteration as stop:
+                    self.backend_finished(conn, stop.value)
+                    break
+                except Exception as e:
+                    self.backend_failed(conn, e)
+                    break
+                exc = None
+                try:
+                    handler = ops[op[0]]
+                except (KeyError, TypeError, IndexError):
+                    self.backend_failed(conn, BackendError("backend yielded an unknown operation %r" % (op,),
+                                                           status=500, kind="internal_error", reason="other"))
+                    break
+                value = handler(conn, op)
+                if value is PARK:
+                    break
+            else:
+                self.runnable.append((conn, value, None))
+            conn.uncork()
+        except Exception as e:  # an operation's handler raised: contained (see Daemon.contain)
+            self.contained(e, "backend", conn)
 
     def _op_sleep(self, conn, op):
         conn.t_backend = self.timers.call_later(op[1], self.resume, conn)
@@ -3619,9 +3931,12 @@ class Daemon(LoopBase):
             br.failure(self.clock(), self.cfg)
             self.stats.circuit_open[conn.backend_name] = 0 if br.state is Breaker.CLOSED else 1
         if isinstance(exc, BackendError):
-            status, kind, reason, message, retry = exc.status, exc.kind, exc.reason, str(exc), exc.retry_after
+            status, kind, reason, message, retry = exc.status, exc.kind, exc.reason, exc.public(), exc.retry_after
             log(logging.WARNING, "stream failed", conn=conn.id, backend=conn.backend_name,
-                reason=reason, error=message)
+                reason=reason, **exc.log_fields())
+            if exc.detail:
+                # Debug only: upstreams quote the request (prompts) in their errors.
+                log(logging.DEBUG, "upstream error text", conn=conn.id, text=exc.detail)
         elif isinstance(exc, TimeoutError):
             status, kind, reason, message, retry = 504, "timeout", "timeout", str(exc) or "timed out", None
             log(logging.WARNING, "stream failed", conn=conn.id, backend=conn.backend_name,
@@ -3631,9 +3946,10 @@ class Daemon(LoopBase):
                 "upstream connection failed: %s" % (exc.strerror or exc), None
             log(logging.WARNING, "stream failed", conn=conn.id, backend=conn.backend_name,
                 reason=reason, error=message)
-        else:
+        else:  # a bug in the backend: contained like any other (see Daemon.contain)
             status, kind, reason, message, retry = 500, "internal_error", "other", "internal error", None
-            log(logging.ERROR, "backend raised", conn=conn.id, backend=conn.backend_name,
+            self.stats.internal_errors["backend"] += 1
+            log(logging.ERROR, "internal error", where="backend", conn=conn.id, backend=conn.backend_name,
                 exc_info=(type(exc), exc, exc.__traceback__))
         if conn.state is State.STARTING:
             conn.respond_error(status, message, kind, retry, outcome=reason)
@@ -3656,7 +3972,11 @@ class Daemon(LoopBase):
     # -- the end of a connection --
 
     def release(self, conn: Connection) -> None:
-        """Free everything a CLOSED connection holds; write its access log line."""
+        """Free everything a CLOSED connection holds; write its access log line.
+        Once: a connection released already (then a bug raised) is not counted twice."""
+        if conn not in self.conns:
+            return
+        self.conns.discard(conn)
         self.stop_backend(conn)
         if conn.status is None and conn.backend_name is not None:
             br = self.breakers.get(conn.backend_name)
@@ -3674,7 +3994,6 @@ class Daemon(LoopBase):
         if conn.unix_fds:
             close_fds(conn.unix_fds)
             conn.unix_fds = None
-        self.conns.discard(conn)
         if not conn.has_client:
             return
         stats = self.stats
@@ -3807,6 +4126,7 @@ class Daemon(LoopBase):
             self.report_sock = None
         self.close_signals()
         self.selector.close()
+        self.reserve.close()
 
 
 def bind_listener(cfg: dict):
@@ -4103,6 +4423,42 @@ class Supervisor(LoopBase):
         self.selector.close()
 
 
+class FdReserve:
+    """A few spare fds (copies of /dev/null), kept so that the daemon at its
+    fd limit can still take in a handoff and answer it 503, instead of
+    losing the client's socket: with the table full, the kernel cannot
+    install the received fd and drops it (recvmsg reports MSG_CTRUNC).
+
+    release() frees a slot just before an operation that needs one (accept,
+    recvmsg); refill() takes the slots back, and False means the table is
+    full: the daemon is at its fd limit, whatever max_connections says."""
+
+    SPARES = 2  # one for the Unix connection, one for the client's socket
+
+    def __init__(self):
+        self.base = os.open(os.devnull, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self.spares = []
+        self.refill()
+
+    def release(self) -> bool:
+        if not self.spares:
+            return False
+        os.close(self.spares.pop())
+        return True
+
+    def refill(self) -> bool:
+        while len(self.spares) < self.SPARES:
+            try:
+                self.spares.append(os.dup(self.base))  # (dup: cheaper than open; non-inheritable)
+            except OSError:
+                return False
+        return True
+
+    def close(self) -> None:
+        close_fds(self.spares + [self.base])
+        self.spares = []
+
+
 def close_fds(fds) -> None:
     for fd in fds:
         try:
@@ -4113,13 +4469,20 @@ def close_fds(fds) -> None:
 
 def adopt_client_socket(fd: int):
     """Wrap a received fd as a non-blocking socket, or close it and return None
-    if it is not a stream socket (SPEC §1: bad_fd)."""
+    if it is not a connected stream socket (SPEC §1: bad_fd)."""
     try:
         sock = socket.socket(fileno=fd)
     except OSError:
         os.close(fd)  # not a socket at all: socket() did not take ownership
         return None
-    if sock.type != socket.SOCK_STREAM:
+    try:
+        # A stream socket, and a connected one: not a listening socket, not
+        # one that never connected (getpeername: ENOTCONN).
+        ok = (sock.type == socket.SOCK_STREAM and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+              and sock.getpeername() is not None)
+    except OSError:
+        ok = False
+    if not ok:
         sock.close()
         return None
     sock.setblocking(False)
@@ -4560,10 +4923,18 @@ def main(argv=None) -> int:
         max_connections=daemon.max_connections, pid=os.getpid())
     try:
         status = daemon.run()
-    except BaseException:
-        log(logging.CRITICAL, "event loop crashed: this is a bug in streamd", exc_info=True)
-        daemon.close_listener()
-        raise
+    except BaseException as e:
+        # The loop's own machinery failed (see Daemon.contain): nothing can be
+        # trusted any more.  Say so loudly, tell systemd, and remove the
+        # socket file so that Apache answers 503 at once instead of queueing.
+        sd_notify("STOPPING=1")
+        log(logging.CRITICAL, "event loop crashed: this is a bug in streamd", error=type(e).__name__,
+            exc_info=True)
+        try:
+            daemon.close_listener()
+        except Exception:
+            unlink_owned(daemon.listener_owned)
+        return 70  # EX_SOFTWARE
     if cfg["server.benchmark"]:
         s = daemon.stats
         print("\n=== Benchmark Summary ===\nPeak concurrent streams: %d\nTotal started: %d\n"

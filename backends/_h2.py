@@ -123,6 +123,8 @@ def close_all(target) -> None:
 
 
 class H2Conn:
+    WHERE = "upstream"  # for daemon_internal_errors_total
+
     def __init__(self, loop, target, sock, cfg):
         import h2.config
         import h2.connection
@@ -271,6 +273,11 @@ class H2Conn:
         if not self.streams:
             self.close()
 
+    def internal_error(self, _sock=None) -> None:
+        """Handling this connection raised (see streamd's Daemon.contain):
+        its streams end with an error, the connection closes."""
+        self.fail("internal error in the HTTP/2 connection")
+
     def fail(self, message: str) -> None:
         self.dead = message
         waiters, self.ready_waiters = self.ready_waiters, []
@@ -328,6 +335,9 @@ class H2Stream(Stream):
         hdrs = {}
         for k, v in headers:
             if k == ":status":
+                if not (len(v) == 3 and v.isascii() and v.isdigit()):
+                    self.failed = BackendError("upstream sent an invalid :status %r" % v[:20])
+                    return
                 self.status = int(v)
             else:
                 hdrs[k] = hdrs[k] + ", " + v if k in hdrs else v

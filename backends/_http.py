@@ -34,6 +34,7 @@ import logging
 MAX_HEAD = 64 * 1024         # status line + headers
 MAX_EVENT = 1024 * 1024      # one SSE line or event (tool calls and LangGraph values can be big)
 MAX_ERROR_BODY = 4096        # how much of an error response we read
+MAX_INTERIM = 8              # 1xx responses before the real one
 KEEPALIVE_IDLE = 30.0        # an idle pooled connection older than this is closed, not reused
 
 
@@ -137,6 +138,10 @@ class SSEParser:
 
 # ---- HTTP/1.1 framing ----
 
+_LENGTH = re.compile(r"[0-9]{1,19}")  # Content-Length
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")  # (16 hex digits: 2**64 - 1, more than anyone sends)
+
+
 class ChunkedDecoder:
     """Transfer-Encoding: chunked, incrementally.  `done` after the last chunk
     and its trailers: only then is the body known to be complete."""
@@ -174,12 +179,9 @@ class ChunkedDecoder:
             pos = nl + 1
             if self.state == self.SIZE:
                 size_text = line.split(b";", 1)[0].strip()
-                try:
-                    self.left = int(size_text, 16)
-                except ValueError:
-                    raise UpstreamProtocolError("bad chunk size %r" % size_text[:20]) from None
-                if self.left < 0:
+                if not _CHUNK_SIZE.fullmatch(size_text):
                     raise UpstreamProtocolError("bad chunk size %r" % size_text[:20])
+                self.left = int(size_text, 16)
                 self.state = self.DATA if self.left else self.TRAILER
             elif self.state == self.DATA_END:
                 if line:
@@ -191,12 +193,15 @@ class ChunkedDecoder:
         return b"".join(out)
 
 
+_STATUS_LINE = re.compile(r"HTTP/1\.[0-9] ([0-9]{3})(?: .*)?")  # exactly three ASCII digits
+
+
 def parse_head(block: bytes):
     """`HTTP/1.1 200 OK\\r\\nName: value…` (without the blank line) →
     (status, {lower-case name: value})."""
     lines = block.decode("latin-1").split("\n")
-    parts = lines[0].rstrip("\r").split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit() or len(parts[1]) != 3:
+    m = _STATUS_LINE.fullmatch(lines[0].rstrip("\r"))
+    if m is None:
         raise UpstreamProtocolError("bad status line %r" % lines[0][:80])
     headers = {}
     for line in lines[1:]:
@@ -207,7 +212,7 @@ def parse_head(block: bytes):
         name = name.lower()
         value = value.strip()
         headers[name] = headers[name] + ", " + value if name in headers else value
-    return int(parts[1]), headers
+    return int(m.group(1)), headers
 
 
 def exact_retry_after(headers: dict):
@@ -231,21 +236,43 @@ def retry_after_seconds(headers: dict):
     return None if value is None else max(1, math.ceil(value))
 
 
+def parse_json(text):
+    """json.loads for an upstream's bytes.  Absurd nesting ("[[[[…") makes
+    Python's json raise RecursionError: that is bad JSON like any other."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def error_parts(body) -> tuple:
+    """(the provider's error type or code, its human message) from a JSON
+    error body or error event, each "" if absent.  Shapes: OpenAI and
+    Anthropic {"error": {"type"|"code", "message"}}, Gemini {"error":
+    {"status", "code", "message"}}, LangGraph {"error": name, "message"}."""
+    if isinstance(body, (bytes, str)):
+        try:
+            obj = parse_json(body)
+        except ValueError:
+            text = body[:300].decode("utf-8", "replace") if isinstance(body, bytes) else body[:300]
+            return "", text.strip()
+    else:
+        obj = body
+    if not isinstance(obj, dict):
+        return "", str(obj)[:300] if obj else ""
+    err = obj.get("error", obj)
+    if isinstance(err, dict):
+        kind = err.get("type") or err.get("status") or err.get("code") or ""
+        msg = err.get("message") or err.get("detail") or ""
+    else:
+        kind, msg = err, obj.get("message") or obj.get("detail") or ""
+    return str(kind)[:80], str(msg)[:300]
+
+
 def error_message(body: bytes) -> str:
     """The human part of a provider's JSON error body, if it has one."""
-    try:
-        obj = json.loads(body)
-    except ValueError:
-        return body[:200].decode("utf-8", "replace").strip()
-    if isinstance(obj, dict):
-        err = obj.get("error", obj)
-        if isinstance(err, dict):
-            msg = err.get("message") or err.get("detail") or err.get("type")
-        else:
-            msg = obj.get("message") or obj.get("detail") or err
-        if msg:
-            return str(msg)[:300]
-    return ""
+    kind, msg = error_parts(body)
+    return msg or kind
 
 
 _UNSAFE = re.compile(r"[\r\n\x00]")
@@ -461,32 +488,40 @@ class Stream:
 
     def read_head(self):
         buf = b""
+        interim = 0
         timeout = self.cfg["upstream.header_timeout"]
         while True:
-            data = yield from self.recv_some(timeout)
-            if not data:
-                raise BackendError("upstream closed the connection before answering", reason="network")
-            buf += data
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(buf) > MAX_HEAD:
                     raise BackendError("upstream response head larger than %d bytes" % MAX_HEAD)
+                data = yield from self.recv_some(timeout)
+                if not data:
+                    raise BackendError("upstream closed the connection before answering", reason="network")
+                buf += data
                 continue
-            status, headers = parse_head(buf[:end])
+            try:
+                status, headers = parse_head(buf[:end])
+            except UpstreamProtocolError as e:
+                raise BackendError("upstream sent an invalid response head: %s" % e) from None
             buf = buf[end + 4:]
             if 100 <= status < 200:
-                continue  # 100 Continue / 103 Early Hints: the real head follows
+                # 100 Continue / 103 Early Hints: the real head follows (it may
+                # be in `buf` already).  A few, not an endless supply.
+                interim += 1
+                if interim > MAX_INTERIM:
+                    raise BackendError("upstream sent more than %d interim (1xx) responses" % MAX_INTERIM)
+                continue
             self.status, self.headers = status, headers
             if headers.get("content-encoding", "identity").lower() != "identity":
                 raise BackendError("upstream sent Content-Encoding %r; we asked for identity"
-                                   % headers["content-encoding"])
+                                   % headers["content-encoding"][:40])
             if "chunked" in headers.get("transfer-encoding", "").lower():
                 self.body, self.chunked = "chunked", ChunkedDecoder()
             elif "content-length" in headers:
-                try:
-                    self.body, self.left = "length", int(headers["content-length"])
-                except ValueError:
-                    raise BackendError("upstream sent a bad Content-Length") from None
+                if not _LENGTH.fullmatch(headers["content-length"]):
+                    raise BackendError("upstream sent a bad Content-Length")
+                self.body, self.left = "length", int(headers["content-length"])
             else:
                 self.body = "eof"
             self.keep_alive = (self.body != "eof" and "close" not in headers.get("connection", "").lower())
@@ -590,7 +625,7 @@ def json_events(stream: "Stream"):
             out.append((ev.event, ev.data))
             continue
         try:
-            out.append((ev.event, json.loads(ev.data)))
+            out.append((ev.event, parse_json(ev.data)))
         except ValueError:
             raise BackendError("upstream sent an event that is not JSON") from None
     return out
@@ -652,6 +687,22 @@ def open_stream(tgt: Target, cfg: dict, method: str, path: str, headers: dict, b
             log(logging.INFO, "retrying upstream", target=tgt.host_header, attempt=attempt,
                 delay_s=round(delay, 3), error=str(e.error))
             yield ("sleep", delay)
+
+
+def redact(text: str, secrets) -> str:
+    """Cut API keys out of what an upstream said (some echo the request headers)."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    return text
+
+
+def upstream_error(what: str, body, secrets=(), **kw) -> BackendError:
+    """A BackendError for an error an upstream reported mid-stream (an error
+    event or object): `what` in our words, the provider's type and message
+    kept apart (see BackendError)."""
+    kind, message = error_parts(body)
+    return BackendError(what, detail=redact(message, secrets), upstream_type=redact(kind, secrets), **kw)
 
 
 def _connect(tgt, cfg, fn, timeout):
@@ -724,17 +775,15 @@ def _attempt(tgt, cfg, method, path, headers, payload, secrets):
         return stream
     text = yield from stream.read_error_body()
     stream.close()
-    message = error_message(text)
-    for secret in secrets:
-        if secret:
-            message = message.replace(secret, "[redacted]")
+    kind, message = error_parts(text)
     status = stream.status
-    detail = "upstream answered %d%s" % (status, ": " + message if message else "")
+    what = "upstream answered %d" % status
     hint = retry_after_seconds(stream.headers)
+    fields = {"detail": redact(message, secrets), "upstream_type": redact(kind, secrets)}
     if status in (429, 503, 529):
-        error = BackendError(detail, status=503, kind="upstream_unavailable", retry_after=hint or 1)
+        error = BackendError(what, status=503, kind="upstream_unavailable", retry_after=hint or 1, **fields)
     else:
-        error = BackendError(detail, status=502, kind="upstream_error")
+        error = BackendError(what, status=502, kind="upstream_error", **fields)
     should = stream.headers.get("x-should-retry", "").lower()
     if should == "true" or (should != "false" and status in RETRY_STATUSES):
         raise RetryableError(error, exact_retry_after(stream.headers))

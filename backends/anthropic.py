@@ -63,9 +63,7 @@ def run(req, cfg):
                 elif kind == "message_stop":
                     stopped = True
                 elif kind == "error":
-                    err = data.get("error") or {}
-                    raise BackendError("upstream %s: %s" % (err.get("type", "error"), err.get("message", "")),
-                                       kind="upstream_error")
+                    raise _http.upstream_error("upstream sent an error event", data, (key,))
                 # ping, content_block_start/stop and unknown types are ignored
         if not stopped:
             raise BackendError("upstream stream ended without message_stop")

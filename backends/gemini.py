@@ -56,9 +56,7 @@ def run(req, cfg):
                 if not isinstance(chunk, dict):
                     continue
                 if chunk.get("error"):
-                    err = chunk["error"]
-                    raise BackendError("upstream error %s: %s" % (err.get("status", err.get("code", "")),
-                                                                   err.get("message", "")))
+                    raise _http.upstream_error("upstream sent an error", chunk, (key,))
                 block = (chunk.get("promptFeedback") or {}).get("blockReason")
                 if block and not chunk.get("candidates"):
                     raise BackendError("upstream blocked the prompt: %s" % block, kind="content_filter")

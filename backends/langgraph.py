@@ -5,7 +5,6 @@ after making sure the thread exists.  Output is either the uniform content
 events (the text of AIMessageChunks from `messages` events; `event: end`
 completes) or, with backend.langgraph.output: raw, the upstream SSE verbatim.
 """
-import json
 from urllib.parse import quote
 
 from streamd import BackendError
@@ -50,7 +49,7 @@ def ensure_thread(target, cfg, headers, thread_id, key):
                                               {"thread_id": thread_id, "if_exists": "do_nothing"},
                                               secrets=(key,))
     except BackendError as e:
-        if "answered 409" in str(e):
+        if str(e) == "upstream answered 409":
             return
         raise
     try:
@@ -95,16 +94,10 @@ def run(req, cfg):
                 if name == "end":
                     ended = True
                 elif name == "error":
-                    try:
-                        err = json.loads(ev.data)
-                    except ValueError:
-                        err = {"message": ev.data[:200]}
-                    if not isinstance(err, dict):
-                        err = {"message": str(err)[:200]}
-                    raise BackendError("upstream error %s: %s" % (err.get("error", ""), err.get("message", "")))
+                    raise _http.upstream_error("upstream sent an error event", ev.data, (key,))
                 elif not raw and name in ("messages", "messages/partial"):
                     try:
-                        payload = json.loads(ev.data)
+                        payload = _http.parse_json(ev.data)
                     except ValueError:
                         raise BackendError("upstream sent an event that is not JSON") from None
                     if name == "messages":  # messages-tuple: [chunk, metadata], chunk is a delta

@@ -3,8 +3,6 @@
 POST {api_base}/chat/completions with "stream": true.  Each SSE event is one
 JSON chunk; text is in choices[].delta.content; `data: [DONE]` ends the stream.
 """
-import json
-
 from streamd import BackendError
 from backends import _http
 
@@ -46,7 +44,7 @@ def run(req, cfg):
                 if not isinstance(chunk, dict):
                     raise BackendError("upstream sent an event that is not a JSON object")
                 if chunk.get("error") or name == "error":
-                    raise BackendError("upstream error: %s" % _http.error_message(json.dumps(chunk).encode()))
+                    raise _http.upstream_error("upstream sent an error event", chunk, (key,))
                 for choice in chunk.get("choices") or ():
                     text = (choice.get("delta") or {}).get("content")
                     if text:

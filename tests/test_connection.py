@@ -115,19 +115,20 @@ def test_slow_client_write_timeout_measures_progress(daemon, fdcheck, probe_back
     ip.finish(fdcheck)
 
 
-def test_buffer_limit_drops_slow_client(daemon, fdcheck, probe_backend):
+def test_one_event_bigger_than_the_buffer_limit_is_delivered(daemon, fdcheck, probe_backend):
+    """One step's bytes are taken as a unit: an event over write_buffer_limit
+    (256 KiB) reaches a client that reads, however small its buffers."""
     def script(req):
-        yield ("event", {"content": "x" * 300_000})  # one event over the 256 KiB limit
-        yield ("sleep", 10)
-    probe = probe_backend(script)
+        yield ("event", {"content": "x" * 300_000})
+        yield ("event", {"content": "after"})
+    probe_backend(script)
     ip = daemon(backend__provider="probe")
     c = small_buffer_client(ip.path)
-    ip.pump(lambda: ip.d.stats.handoffs == 1 and not ip.d.conns)
-    assert probe.closed and ip.d.stats.failed == 1
-    c.read()
-    assert c.eof
+    ip.pump(lambda: c.done())
+    assert b"\"" + b"x" * 300_000 + b"\"" in c.data and c.data.endswith(b'data: {"content":"after"}\n\ndata: [DONE]\n\n')
     c.close()
     ip.finish(fdcheck)
+    assert ip.d.stats.completed == 1
 
 
 def test_heartbeat_after_silence(daemon, probe_backend):
@@ -181,8 +182,11 @@ def test_capacity_answers_503(daemon, fdcheck):
 def test_emfile_pauses_accepting_without_spinning(daemon, fdcheck):
     ip = daemon(backend__mock__message_delay=0.0)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    pending = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    pending.connect(ip.path)
+    # More pending connections than the daemon has spare fds (FdReserve): the
+    # spares take the first ones in, then accepting pauses.
+    pending = [socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(streamd.FdReserve.SPARES + 2)]
+    for p in pending:
+        p.connect(ip.path)
     try:
         # The limit caps fd numbers: set it to the lowest free one, so the next fd fails.
         lowest_free = os.dup(0)
@@ -197,7 +201,8 @@ def test_emfile_pauses_accepting_without_spinning(daemon, fdcheck):
         assert time.monotonic() - t0 >= 0.04
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    pending.close()
+    for p in pending:
+        p.close()
     ip.clock.advance(0.1)
     ip.run_for(3)
     assert not ip.d.accept_paused

@@ -19,6 +19,8 @@ chunked SSE by default.  The X-Test-Pattern request header picks a scenario:
   nohead        reads the request, never answers
   error         2 events, then the provider's mid-stream error event
   flood:N       N events of 1 KiB, as fast as the client takes them
+  burst:SIZE    SIZE bytes of content in events of 1,100 B, all written at once (one send)
+  echo:C        HTTP status C with an error body that quotes the request's prompt (as upstreams do)
   length        Content-Length framing instead of chunked
   eof           no framing: Connection: close, body ends at EOF
   lateend:MS    MS milliseconds between the last event and the end of the framing
@@ -332,6 +334,10 @@ class TestUpstream:
         if name == "status":
             code = int(arg)
             return ("json", code, {"retry-after": "7"}, json.dumps(fmt.status_body(code)).encode())
+        if name == "echo":
+            quoted = json.dumps(rec.body, ensure_ascii=False)[:500]
+            body = {"error": {"message": "invalid request: %s" % quoted, "type": "invalid_request_error"}}
+            return ("json", int(arg), {}, json.dumps(body).encode())
         pieces, finish, end, delay = list(WORDS), "stop", True, self.default_delay
         cut_connection = error = False
         if name == "unicode":
@@ -350,6 +356,9 @@ class TestUpstream:
             pieces, error = WORDS[:2], True
         elif name == "flood":
             pieces = ["y" * 1024] * int(arg)
+        elif name == "burst":
+            size = int(arg)
+            pieces = ["z" * min(1100, size - i) for i in range(0, size, 1100)]
         events = [fmt.start()] + [fmt.content(p) for p in pieces]
         if error:
             events.append(fmt.error())
@@ -387,10 +396,17 @@ class TestUpstream:
         if name == "silent":
             self.wait_hangup(conn, rec, 30)
             return False
+        if name == "burst":  # everything in one send: the daemon reads it as fast as it can
+            events = [b"".join(b"%x\r\n%s\r\n" % (len(ev), ev) if framing == "chunked" else ev for ev in events)]
+            framing_done = framing == "chunked"
+        else:
+            framing_done = False
         for i, ev in enumerate(events):
             if i > 1 and o["delay"] and self.wait_hangup(conn, rec, o["delay"]):
                 return False
-            if framing != "chunked":
+            if framing_done:
+                out = ev
+            elif framing != "chunked":
                 out = ev
             elif name == "short":
                 out = b"".join(b"1\r\n%s\r\n" % ev[j:j + 1] for j in range(len(ev)))
