@@ -483,7 +483,7 @@ def parse_option(opt: Option, raw, source: str):
     """Parse one value; on failure raise ConfigError naming source, key and value."""
     try:
         return opt.parse(raw)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         where = source if source.startswith("-") or source.isupper() else "%s: %s" % (source, opt.key)
         raise ConfigError("%s: expected %s, got %s" % (where, opt.parse.expect, _shown(raw))) from None
 
@@ -551,23 +551,32 @@ def read_config_file(path: str) -> dict:
 def load_config(flags: dict | None = None, env=None, path: str | None = None) -> dict:
     """Build the config dict {dotted key: value}: defaults < file < env < flags."""
     cfg = {o.key: o.default for o in OPTIONS}
+    origin = {}  # key -> where its value came from, for errors that involve two keys
+
+    def where(key):
+        src = origin.get(key)
+        return "%s: %s" % (src, key) if src and not (src.startswith("-") or src.isupper()) else \
+            "%s (%s)" % (key, src) if src else key
+
     if path:
         for key, raw in read_config_file(path).items():
-            cfg[key] = parse_option(OPTION_BY_KEY[key], raw, path)
+            cfg[key], origin[key] = parse_option(OPTION_BY_KEY[key], raw, path), path
     env = os.environ if env is None else env
     for o in OPTIONS:
         if o.env and o.env in env:
-            cfg[o.key] = parse_option(o, env[o.env], o.env)
+            cfg[o.key], origin[o.key] = parse_option(o, env[o.env], o.env), o.env
     for key, raw in (flags or {}).items():
         o = OPTION_BY_KEY[key]
-        cfg[key] = parse_option(o, raw, o.flag)
+        cfg[key], origin[key] = parse_option(o, raw, o.flag), o.flag
     if cfg["server.write_high_water"] > cfg["server.write_buffer_limit"]:
-        raise ConfigError("server.write_high_water (%d) must not exceed server.write_buffer_limit (%d)"
-                          % (cfg["server.write_high_water"], cfg["server.write_buffer_limit"]))
-    for name in [cfg["backend.provider"]] + cfg["backend.enabled"]:
-        if name not in BACKENDS:
-            raise ConfigError("backend.provider: unknown backend %r (known: %s)"
-                              % (name, ", ".join(sorted(BACKENDS))))
+        raise ConfigError("%s (%d) must not exceed %s (%d)" % (
+            where("server.write_high_water"), cfg["server.write_high_water"],
+            where("server.write_buffer_limit"), cfg["server.write_buffer_limit"]))
+    for key in ("backend.provider", "backend.enabled"):
+        for name in cfg[key] if key == "backend.enabled" else [cfg[key]]:
+            if name not in BACKENDS:
+                raise ConfigError("%s: unknown backend %r (known: %s)"
+                                  % (where(key), name[:40], ", ".join(sorted(BACKENDS))))
     cfg["config_path"] = path
     return cfg
 
@@ -890,6 +899,10 @@ def loads_client_json(data):
     and no number that becomes one (1e400); nothing non-finite can reach an
     upstream request body.  Nesting and integer length are bounded (above).
     Raises ValueError."""
+    if isinstance(data, (bytes, bytearray)):
+        # UTF-8 only: json.loads(bytes) would also take UTF-16 and UTF-32
+        # (by their BOM) and UTF-8-encoded surrogates.
+        data = data.decode("utf-8")
     if json_too_deep(data):
         raise ClientJSONError("nested deeper than %d levels (the limit)" % MAX_JSON_DEPTH)
     return json.loads(data, parse_constant=_not_json, parse_float=_finite, parse_int=_bounded_int)
@@ -908,8 +921,10 @@ def parse_handoff(data: bytes) -> Request:
         obj = loads_client_json(data)
     except (ValueError, RecursionError) as e:
         # ValueError includes invalid UTF-8; the position is safe to show, the text is not.
+        if isinstance(e, UnicodeDecodeError):
+            raise ProtocolError(400, "handoff data is not valid UTF-8 (at byte %d)" % e.start) from None
         if isinstance(e, json.JSONDecodeError):
-            where = " at byte %d" % e.pos
+            where = " at character %d" % e.pos
         elif isinstance(e, ClientJSONError):
             where = ": " + str(e)  # the number or the limit, never the text around it
         else:
@@ -1080,6 +1095,7 @@ class RequestParser:
             self.scan = 0
             if line.endswith(b"\r"):
                 line = line[:-1]
+            self.check_length(len(line))  # before anything else: as check_partial would have
             if b"\r" in line:
                 raise HTTPError(400, "bare CR in the request head")
             if self.line is None:
@@ -1096,11 +1112,17 @@ class RequestParser:
         return self.request
 
     def check_partial(self):
-        """No LF yet: is the line already longer than allowed?"""
+        """No LF yet: is the line already longer than allowed?  (A CR at the
+        end may be the first half of its CRLF: it does not count.)"""
+        self.check_length(len(self.buf) - self.buf.endswith(b"\r"))
+
+    def check_length(self, n: int):
+        """A line of n bytes (without its line end): over a limit?  The same
+        answer whether the line arrived whole or in pieces."""
         if self.line is None:
-            if len(self.buf) > self.max_line:
+            if n > self.max_line:
                 raise HTTPError(414, "request line longer than %d bytes" % self.max_line)
-        elif self.head_bytes + len(self.buf) > self.max_header_bytes:
+        elif self.head_bytes + n + 2 > self.max_header_bytes:
             raise HTTPError(431, "request headers larger than %d bytes" % self.max_header_bytes)
 
     def request_line(self, line: bytes):
@@ -1239,20 +1261,36 @@ class WSParser:
         self.max_message = max_message
         self.buf = bytearray()
         self.parts = None  # [opcode, bytearray] while a fragmented message is open
+        self.closed = False  # a close frame arrived: nothing after it counts
 
     def feed(self, data: bytes) -> list:
-        self.buf += data
+        """The messages completed by `data`.  A WSError carries, as .messages,
+        those completed before the fault in this same feed."""
         out = []
+        try:
+            self._feed(data, out)
+        except WSError as e:
+            e.messages = out
+            raise
+        return out
+
+    def _feed(self, data: bytes, out: list) -> None:
+        if self.closed:
+            return
+        self.buf += data
         while True:
             frame = self.next_frame()
             if frame is None:
-                return out
+                return
             fin, opcode, payload = frame
             if opcode >= WS_CLOSE:  # control frames: may come between fragments
-                out.append((opcode, payload))
                 if opcode == WS_CLOSE:
                     self.check_close(payload)
-                    return out  # nothing after a close frame counts
+                    self.closed = True
+                    self.buf = bytearray()
+                    out.append((opcode, payload))
+                    return
+                out.append((opcode, payload))
                 continue
             if opcode == WS_CONT:
                 if self.parts is None:
@@ -1764,7 +1802,10 @@ class Connection:
         self.daemon.receive(self)
 
     def on_request_io(self, sock, mask) -> None:
-        self.daemon.front.readable(self)
+        if self.state is State.REQUEST:
+            self.daemon.front.readable(self)
+        else:  # answered already (a refusal, a 408): from here bytes are only discarded
+            self.on_client_io(sock, mask)
 
     def on_backend_io(self, sock, mask) -> None:
         self.daemon.backend_io_ready(self)
@@ -3076,14 +3117,15 @@ class WSConnection(Connection):
 
     def received(self, data: bytes) -> None:
         try:
-            messages = self.front.ws.feed(data)
+            messages, error = self.front.ws.feed(data), None
         except WSError as e:
-            self.fail(e.code, str(e))
-            return
-        for opcode, payload in messages:
+            messages, error = e.messages, e
+        for opcode, payload in messages:  # (those before a fault count: it came after them)
             self.message(opcode, payload)
             if self.state is State.CLOSED:
                 return
+        if error is not None:
+            self.fail(error.code, str(error))
 
     def message(self, opcode: int, payload: bytes) -> None:
         if opcode == WS_PING:
@@ -3150,6 +3192,65 @@ class LoopBase:
             self.run_once()
         self.close()
         return self.exit_status
+
+    def dispatch(self, timeout) -> None:
+        """select(), then call each ready socket's handler (key.data), guarded.
+        A handler may unregister a socket whose event is later in this same
+        batch (a client's EOF cancels its upstream): such stale events are skipped."""
+        registered = self.selector.get_map()
+        for key, mask in self.selector.select(timeout):
+            if registered.get(key.fd) is key:
+                try:
+                    key.data(key.fileobj, mask)
+                except Exception as e:
+                    self.contain(e, key.data, key.fileobj)
+
+    # -- containment: a bug met while handling one connection ends that one --
+    #
+    # One process holds every stream, so an exception that left the loop would
+    # end tens of thousands of them, and under Restart=on-failure the same
+    # request could do it again after every restart.  So every handler the
+    # loop calls (socket events, timers, backend steps) runs under a guard:
+    # an exception ends the connection it was handling (a 500 before the
+    # head, an error event after it), logs one "internal error" line with the
+    # traceback, and counts daemon_internal_errors_total{where}.  Objects that
+    # are not connections (an HTTP/2 connection, a metrics client) clean up
+    # with their internal_error(fileobj).  Only a failure of the loop's own
+    # machinery (select(), the timer heap) leaves run_once, and stops the daemon.
+
+    def contain(self, exc: Exception, handler, fileobj) -> None:
+        """An I/O handler raised: find what it was handling, and end that."""
+        owner = getattr(handler, "__self__", None)
+        name = getattr(handler, "__name__", "")
+        where = getattr(owner, "WHERE", None) or {"on_accept": "accept", "on_signal": "signal"}.get(name, name)
+        self.contained(exc, where, None, owner, fileobj)
+
+    def timer_failed(self, timer, exc: Exception) -> None:
+        arg = timer.arg
+        conn = arg if isinstance(arg, Connection) else getattr(arg, "conn", None)
+        owner = getattr(timer.fn, "__self__", None)
+        self.contained(exc, "timer", conn if isinstance(conn, Connection) else None,
+                       None if owner is self else owner)
+
+    def contained(self, exc: Exception, where: str, conn=None, owner=None, fileobj=None) -> None:
+        self.count_internal(where)
+        log(logging.ERROR, "internal error", where=where, conn=conn.id if conn is not None else "",
+            exc_info=(type(exc), exc, exc.__traceback__))
+        try:
+            if conn is not None:
+                conn.fail_internal()
+            elif owner is not None and hasattr(owner, "internal_error"):
+                owner.internal_error(fileobj)
+        except Exception:
+            log(logging.ERROR, "internal error while cleaning up", where=where, exc_info=True)
+            if conn is not None:
+                self.force_close(conn)
+
+    def count_internal(self, where: str) -> None:
+        raise NotImplementedError
+
+    def force_close(self, conn) -> None:
+        raise NotImplementedError
 
     def install_signals(self) -> None:
         self.wakeup_r, self.wakeup_w = socket.socketpair()
@@ -3236,16 +3337,8 @@ class Daemon(LoopBase):
             timeout = None if deadline is None else max(0.0, deadline - self.clock())
             if max_wait is not None and (timeout is None or timeout > max_wait):
                 timeout = max_wait
-        # 2. Wait for I/O.  3. Dispatch it: key.data is the handler.  A handler
-        #    may unregister a socket whose event is later in this same batch
-        #    (a client's EOF cancels its upstream): skip such stale events.
-        registered = self.selector.get_map()
-        for key, mask in self.selector.select(timeout):
-            if registered.get(key.fd) is key:
-                try:
-                    key.data(key.fileobj, mask)
-                except Exception as e:
-                    self.contain(e, key.data, key.fileobj)
+        # 2. Wait for I/O.  3. Dispatch it: key.data is the handler (LoopBase.dispatch).
+        self.dispatch(timeout)
         # 4. Fire due timers, and those due within TIMER_SLACK: with thousands
         #    of streams on the same cadence, one pass then serves many of them
         #    instead of one select() each (Linux and Go timers do the same).
@@ -3259,58 +3352,26 @@ class Daemon(LoopBase):
         if self.draining and not self.conns:
             self.stopping = True
 
-    # -- containment: a bug met while handling one connection ends that one --
-    #
-    # One process holds every stream, so an exception that left the loop would
-    # end tens of thousands of them, and under Restart=on-failure the same
-    # request could do it again after every restart.  So every handler the
-    # loop calls (socket events, timers, backend steps) runs under a guard:
-    # an exception ends the connection it was handling (a 500 before the
-    # head, an error event after it), logs one "internal error" line with the
-    # traceback, and counts daemon_internal_errors_total{where}.  Objects that
-    # are not connections (an HTTP/2 connection, a metrics client) clean up
-    # with their internal_error(fileobj).  Only a failure of the loop's own
-    # machinery (select(), the timer heap) leaves run_once, and stops the daemon.
+    # -- containment (see LoopBase.contain): what is special about connections --
 
     HANDLER_WHERE = {"on_unix_readable": "handoff", "on_request_io": "front", "on_client_io": "client",
                      "on_backend_io": "backend"}
 
     def contain(self, exc: Exception, handler, fileobj) -> None:
-        """An I/O handler raised: find what it was handling, and end that."""
         owner = getattr(handler, "__self__", None)
-        name = getattr(handler, "__name__", "")
-        if isinstance(owner, Connection):
-            where = self.HANDLER_WHERE.get(name, "client")
-            if where == "client" and owner.front is not None:
-                where = "websocket" if owner.front.ws is not None else "front"
-            self.contained(exc, where, owner)
-        else:
-            where = getattr(owner, "WHERE", None) or {"on_accept": "accept", "on_signal": "signal"}.get(name, name)
-            self.contained(exc, where, None, owner, fileobj)
+        if not isinstance(owner, Connection):
+            super().contain(exc, handler, fileobj)
+            return
+        where = self.HANDLER_WHERE.get(getattr(handler, "__name__", ""), "client")
+        if where == "client" and owner.front is not None:
+            where = "websocket" if owner.front.ws is not None else "front"
+        self.contained(exc, where, owner)
 
-    def timer_failed(self, timer, exc: Exception) -> None:
-        arg = timer.arg
-        conn = arg if isinstance(arg, Connection) else getattr(arg, "conn", None)
-        owner = getattr(timer.fn, "__self__", None)
-        self.contained(exc, "timer", conn if isinstance(conn, Connection) else None,
-                       None if owner is self else owner)
-
-    def contained(self, exc: Exception, where: str, conn=None, owner=None, fileobj=None) -> None:
+    def count_internal(self, where: str) -> None:
         self.stats.internal_errors[where] += 1
-        log(logging.ERROR, "internal error", where=where, conn=conn.id if conn is not None else "",
-            exc_info=(type(exc), exc, exc.__traceback__))
-        try:
-            if conn is not None:
-                conn.fail_internal()
-            elif owner is not None and hasattr(owner, "internal_error"):
-                owner.internal_error(fileobj)
-        except Exception:
-            # The clean-up itself raised: close what we can by hand.
-            log(logging.ERROR, "internal error while cleaning up", where=where, exc_info=True)
-            if conn is not None:
-                self.force_close(conn)
 
     def force_close(self, conn: Connection) -> None:
+        """The clean-up of a failed connection raised too: close what it holds by hand."""
         self.conns.discard(conn)
         for t in (conn.t_life, conn.t_write, conn.t_heartbeat, conn.t_backend):
             self.timers.cancel(t)
@@ -4217,6 +4278,7 @@ class Supervisor(LoopBase):
         self.metrics = None
         self.draining = False
         self.t_kill = None
+        self.internal_errors = collections.Counter()  # the parent's own (its metrics clients)
 
     def start(self) -> None:
         self.listener, self.owned = bind_listener(self.cfg)
@@ -4293,11 +4355,11 @@ class Supervisor(LoopBase):
     def run_once(self, max_wait=None) -> None:
         deadline = self.timers.next_deadline()
         timeout = None if deadline is None else max(0.0, deadline - self.clock())
-        registered = self.selector.get_map()
-        for key, mask in self.selector.select(timeout):
-            if registered.get(key.fd) is key:  # not unregistered by an earlier handler
-                key.data(key.fileobj, mask)
-        self.timers.run_due(self.clock())
+        self.dispatch(timeout)
+        self.timers.run_due(self.clock(), 0.0, self.timer_failed)
+
+    def count_internal(self, where: str) -> None:
+        self.internal_errors[where] += 1
 
     def on_report(self, sock, mask) -> None:
         w = next((w for w in self.workers if w.report is sock), None)
@@ -4317,6 +4379,9 @@ class Supervisor(LoopBase):
     def snapshot(self) -> dict:
         snaps = [self.retired] + [w.snapshot for w in self.workers if w.snapshot]
         merged = merge_snapshots(snaps)
+        for where, n in self.internal_errors.items():
+            table = merged["labeled"]["internal_errors"]
+            table[where] = table.get(where, 0) + n
         self.peak = max(self.peak, merged["gauges"]["active_streams"], merged["gauges"]["peak_streams"])
         merged["gauges"]["peak_streams"] = self.peak
         return merged
@@ -4705,8 +4770,11 @@ class StreamReader:
             if end < 0:
                 return out
             lines = self.buf[:end].decode("latin-1").split("\r\n")
-            self.status = int(lines[0].split(" ")[1])
-            self.headers = dict(line.split(": ", 1) for line in lines[1:])
+            m = re.fullmatch(r"HTTP/1\.[01] ([0-9]{3})(?: .*)?", lines[0])
+            if m is None:
+                raise ValueError("not an HTTP response: %r" % lines[0][:40])
+            self.status = int(m.group(1))
+            self.headers = dict(line.partition(": ")[::2] for line in lines[1:])
             self.buf = self.buf[end + 4:]
         if self.status != 200:
             self.body += self.buf
@@ -4716,7 +4784,7 @@ class StreamReader:
             end = self.buf.find(b"\n\n")
             if end < 0:
                 return out
-            block, self.buf = self.buf[:end].decode("utf-8"), self.buf[end + 2:]
+            block, self.buf = self.buf[:end].decode("utf-8", "replace"), self.buf[end + 2:]
             out.append(block)
             self.events.append(block)
 
@@ -4765,7 +4833,11 @@ def cmd_send(argv) -> int:
                 ttfb = time.monotonic() - t0
             total += len(chunk)
             had_head = reader.status is not None
-            events = reader.feed(chunk)
+            try:
+                events = reader.feed(chunk)
+            except ValueError as e:
+                print("streamd send: %s" % e, file=sys.stderr)
+                return 1
             if not a.quiet:
                 if not had_head and reader.status is not None:
                     out.write("HTTP %d\n" % reader.status)

@@ -27,7 +27,7 @@ import ssl
 import time
 from urllib.parse import urlsplit
 
-from streamd import BackendError, log
+from streamd import BackendError, log, _finite, _not_json
 
 import logging
 
@@ -35,6 +35,7 @@ MAX_HEAD = 64 * 1024         # status line + headers
 MAX_EVENT = 1024 * 1024      # one SSE line or event (tool calls and LangGraph values can be big)
 MAX_ERROR_BODY = 4096        # how much of an error response we read
 MAX_INTERIM = 8              # 1xx responses before the real one
+MAX_CHUNK_LINE = 4096        # a chunk-size line (with extensions) or a trailer line
 KEEPALIVE_IDLE = 30.0        # an idle pooled connection older than this is closed, not reused
 
 
@@ -72,7 +73,7 @@ class SSEParser:
 
     def __init__(self, max_size: int = MAX_EVENT):
         self.max_size = max_size
-        self.buf = b""
+        self.buf = b""       # an unfinished line (bytes, or a bytearray while it grows)
         self.started = False
         self.data = []
         self.size = 0
@@ -80,7 +81,17 @@ class SSEParser:
         self.last_id = ""
 
     def feed(self, chunk: bytes) -> list:
-        buf = self.buf + chunk if self.buf else chunk
+        if (self.buf and self.started and not self.buf.endswith(b"\r")
+                and b"\n" not in chunk and b"\r" not in chunk):
+            # More of a line that has not ended (an upstream trickling a long
+            # line): append, without copying and rescanning what is held.
+            if type(self.buf) is not bytearray:
+                self.buf = bytearray(self.buf)
+            self.buf += chunk
+            if len(self.buf) > self.max_size:
+                raise UpstreamProtocolError("SSE line longer than %d bytes" % self.max_size)
+            return []
+        buf = bytes(self.buf) + chunk if self.buf else chunk
         if not self.started:
             if len(buf) < 3 and _BOM.startswith(buf):
                 self.buf = buf
@@ -91,15 +102,18 @@ class SSEParser:
         events = []
         pos, end = 0, len(buf)
         search = _EOL.search
+        limit = self.max_size
         while True:
             m = search(buf, pos)
             if m is None or (m.end() == end and m.end() - m.start() == 1 and buf[m.start()] == 13):
                 break  # no line end, or a lone CR at the very end: wait for the next byte
+            if m.start() - pos > limit:  # (a held CR does not count: the answer cannot depend on the cut)
+                raise UpstreamProtocolError("SSE line longer than %d bytes" % limit)
             self._line(buf[pos:m.start()], events)
             pos = m.end()
         self.buf = buf[pos:]
-        if len(self.buf) > self.max_size:
-            raise UpstreamProtocolError("SSE line longer than %d bytes" % self.max_size)
+        if len(self.buf) - self.buf.endswith(b"\r") > limit:
+            raise UpstreamProtocolError("SSE line longer than %d bytes" % limit)
         return events
 
     def close(self) -> list:
@@ -171,9 +185,9 @@ class ChunkedDecoder:
                     self.state = self.DATA_END
                 continue
             nl = buf.find(b"\n", pos)
+            if (nl if nl >= 0 else len(buf)) - pos > MAX_CHUNK_LINE:  # whole or in pieces: the same answer
+                raise UpstreamProtocolError("chunk header or trailer line longer than %d bytes" % MAX_CHUNK_LINE)
             if nl < 0:
-                if len(buf) - pos > 4096:
-                    raise UpstreamProtocolError("chunk header longer than 4096 bytes")
                 break
             line = buf[pos:nl].rstrip(b"\r")
             pos = nl + 1
@@ -207,10 +221,10 @@ def parse_head(block: bytes):
     for line in lines[1:]:
         line = line.rstrip("\r")
         name, colon, value = line.partition(":")
-        if not colon or not name or name != name.strip():
+        if not colon or not name or name != name.strip(" \t"):
             raise UpstreamProtocolError("bad header line %r" % line[:80])
         name = name.lower()
-        value = value.strip()
+        value = value.strip(" \t")  # (RFC 9110: only SP and HTAB; str.strip() would take \x85, \xa0 ...)
         headers[name] = headers[name] + ", " + value if name in headers else value
     return int(m.group(1)), headers
 
@@ -237,12 +251,35 @@ def retry_after_seconds(headers: dict):
 
 
 def parse_json(text):
-    """json.loads for an upstream's bytes.  Absurd nesting ("[[[[…") makes
-    Python's json raise RecursionError: that is bad JSON like any other."""
+    """json.loads for an upstream's bytes, RFC 8259 only: NaN, Infinity and
+    1e999 would reach our clients as invalid JSON (a browser's JSON.parse
+    throws on them), and absurd nesting ("[[[[…") makes Python's json raise
+    RecursionError.  All of it is bad JSON: ValueError."""
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_not_json, parse_float=_finite)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+
+
+# An upstream's JSON is not trusted to have the documented shape: a "choices"
+# that is a number, a "delta" that is a string.  Read it through these, so a
+# wrong shape reads as "absent" instead of raising TypeError in a backend.
+
+def obj(v) -> dict:
+    return v if isinstance(v, dict) else {}
+
+
+def arr(v) -> list:
+    return v if isinstance(v, list) else []
+
+
+def text(v) -> str:
+    return v if isinstance(v, str) else ""
+
+
+def count(v) -> int:
+    """A token count: a non-negative integer, else 0."""
+    return v if type(v) is int and v >= 0 else 0
 
 
 def error_parts(body) -> tuple:
@@ -489,13 +526,18 @@ class Stream:
     def read_head(self):
         buf = b""
         interim = 0
-        timeout = self.cfg["upstream.header_timeout"]
+        # header_timeout bounds the whole head, not each read: an upstream
+        # that trickles a byte at a time does not extend it.
+        deadline = (yield ("now",)) + self.cfg["upstream.header_timeout"]
         while True:
             end = buf.find(b"\r\n\r\n")
-            if end < 0:
+            if end < 0 or end > MAX_HEAD:
                 if len(buf) > MAX_HEAD:
                     raise BackendError("upstream response head larger than %d bytes" % MAX_HEAD)
-                data = yield from self.recv_some(timeout)
+                left = deadline - (yield ("now",))
+                if left <= 0:
+                    raise TimeoutError("no response head in time")
+                data = yield from self.recv_some(left)
                 if not data:
                     raise BackendError("upstream closed the connection before answering", reason="network")
                 buf += data

@@ -48,18 +48,18 @@ def run(req, cfg):
                     continue
                 kind = name if name != "message" else data.get("type")
                 if kind == "content_block_delta":
-                    delta = data.get("delta") or {}
-                    if delta.get("type") == "text_delta" and delta.get("text"):
+                    delta = _http.obj(data.get("delta"))
+                    if delta.get("type") == "text_delta" and _http.text(delta.get("text")):
                         yield ("event", {"content": delta["text"]})
                 elif kind == "message_start":
-                    u = (data.get("message") or {}).get("usage") or {}
-                    usage["prompt_tokens"] = u.get("input_tokens", 0)
-                    usage["completion_tokens"] = u.get("output_tokens", 0)
+                    u = _http.obj(_http.obj(data.get("message")).get("usage"))
+                    usage["prompt_tokens"] = _http.count(u.get("input_tokens"))
+                    usage["completion_tokens"] = _http.count(u.get("output_tokens"))
                 elif kind == "message_delta":
-                    finish = (data.get("delta") or {}).get("stop_reason") or finish
-                    out = (data.get("usage") or {}).get("output_tokens")
+                    finish = _http.text(_http.obj(data.get("delta")).get("stop_reason")) or finish
+                    out = _http.obj(data.get("usage")).get("output_tokens")
                     if out is not None:
-                        usage["completion_tokens"] = out  # cumulative, not an increment
+                        usage["completion_tokens"] = _http.count(out)  # cumulative, not an increment
                 elif kind == "message_stop":
                     stopped = True
                 elif kind == "error":

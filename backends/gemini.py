@@ -57,20 +57,22 @@ def run(req, cfg):
                     continue
                 if chunk.get("error"):
                     raise _http.upstream_error("upstream sent an error", chunk, (key,))
-                block = (chunk.get("promptFeedback") or {}).get("blockReason")
+                block = _http.text(_http.obj(chunk.get("promptFeedback")).get("blockReason"))
                 if block and not chunk.get("candidates"):
-                    raise BackendError("upstream blocked the prompt: %s" % block, kind="content_filter")
-                for cand in chunk.get("candidates") or ():
-                    for part in (cand.get("content") or {}).get("parts") or ():
-                        if part.get("text") and not part.get("thought"):
+                    raise BackendError("upstream blocked the prompt: %s" % block[:80], kind="content_filter")
+                for cand in _http.arr(chunk.get("candidates")):
+                    cand = _http.obj(cand)
+                    for part in _http.arr(_http.obj(cand.get("content")).get("parts")):
+                        part = _http.obj(part)
+                        if _http.text(part.get("text")) and not part.get("thought"):
                             yield ("event", {"content": part["text"]})
-                    if cand.get("finishReason"):
+                    if _http.text(cand.get("finishReason")):
                         finish = cand["finishReason"]
-                meta = chunk.get("usageMetadata")
+                meta = _http.obj(chunk.get("usageMetadata"))
                 if meta:
-                    usage = {"prompt_tokens": meta.get("promptTokenCount", 0),
-                             "completion_tokens": meta.get("candidatesTokenCount", 0),
-                             "total_tokens": meta.get("totalTokenCount", 0)}
+                    usage = {"prompt_tokens": _http.count(meta.get("promptTokenCount")),
+                             "completion_tokens": _http.count(meta.get("candidatesTokenCount")),
+                             "total_tokens": _http.count(meta.get("totalTokenCount"))}
         if finish is None:
             raise BackendError("upstream stream ended without a finishReason")
         return {"finish_reason": finish.lower(), "usage": usage}

@@ -38,7 +38,7 @@ def chunk_text(chunk) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text")
+        return "".join(_http.text(b.get("text")) for b in content if isinstance(b, dict) and b.get("type") == "text")
     return ""
 
 
@@ -107,7 +107,7 @@ def run(req, cfg):
                         text = ""
                         for msg in payload if isinstance(payload, list) else ():
                             full = chunk_text(msg)
-                            mid = msg.get("id") if isinstance(msg, dict) else None
+                            mid = _http.text(_http.obj(msg).get("id"))
                             text += full[len(seen.get(mid, "")):] if full.startswith(seen.get(mid, "")) else full
                             seen[mid] = full
                     if text:

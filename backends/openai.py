@@ -45,15 +45,16 @@ def run(req, cfg):
                     raise BackendError("upstream sent an event that is not a JSON object")
                 if chunk.get("error") or name == "error":
                     raise _http.upstream_error("upstream sent an error event", chunk, (key,))
-                for choice in chunk.get("choices") or ():
-                    text = (choice.get("delta") or {}).get("content")
+                for choice in _http.arr(chunk.get("choices")):
+                    choice = _http.obj(choice)
+                    text = _http.text(_http.obj(choice.get("delta")).get("content"))
                     if text:
                         yield ("event", {"content": text})
-                    if choice.get("finish_reason"):
+                    if _http.text(choice.get("finish_reason")):
                         finish = choice["finish_reason"]
-                if chunk.get("usage"):
-                    u = chunk["usage"]
-                    usage = {k: u.get(k, 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+                u = _http.obj(chunk.get("usage"))
+                if u:
+                    usage = {k: _http.count(u.get(k)) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
         if not done:
             raise BackendError("upstream stream ended without [DONE]")
         return {"finish_reason": finish or "stop", "usage": usage}

@@ -310,8 +310,9 @@ def test_interim_response_in_the_same_packet_as_the_real_one(daemon, fdcheck):
 
 @pytest.mark.parametrize("body, message", [
     (b"data: " + b"[" * 100000 + b"\n\n", b"upstream sent an event that is not JSON"),
-    (b"3\r\nabc\r\n" + b"f" * 5000 + b"\r\n", b"upstream broke HTTP framing: bad chunk size"),
-], ids=["deep-json", "giant-chunk-size"])
+    (b"3\r\nabc\r\n" + b"f" * 5000 + b"\r\n", b"upstream broke HTTP framing: chunk header or trailer line longer"),
+    (b"3\r\nabc\r\n" + b"f" * 17 + b"\r\n", b"upstream broke HTTP framing: bad chunk size"),
+], ids=["deep-json", "giant-chunk-line", "17-hex-digits"])
 def test_hostile_upstream_bodies_end_the_stream_with_an_error_event(daemon, fdcheck, body, message):
     chunked = not body.startswith(b"data")
     head = b"HTTP/1.1 200 OK\r\n" + (b"Transfer-Encoding: chunked\r\n\r\n" if chunked else b"Connection: close\r\n\r\n")
@@ -590,3 +591,165 @@ def test_internal_errors_are_a_metric_with_every_where_at_zero(daemon_proc, tmp_
     for where in streamd.INTERNAL_WHERE:
         assert 'daemon_internal_errors_total{where="%s"} 0.0' % where in text
     d.stop()
+
+
+def test_a_ping_flood_that_never_reads_is_dropped_at_the_buffer_limit(daemon, fdcheck):
+    """write_buffer_limit caps what is queued while the client does not read:
+    a WebSocket client that sends pings and never reads the pongs."""
+    from conftest import Client
+    from test_front import UPGRADE
+    from test_front_wire import client_frame
+    ip = front(daemon, server__write_high_water=8192, server__write_buffer_limit=16384,
+               backend__mock__message_delay=30.0)
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+    s.connect(("127.0.0.1", ip.port))
+    s.sendall(get("/v1/ws?prompt=q", UPGRADE))
+    s.setblocking(False)
+    c = Client(s)
+    ip.pump(lambda: c.has(b"101 Switching Protocols"))
+    conn = next(iter(ip.d.conns))
+    ping = client_frame(streamd.WS_PING, b"p" * 125) * 100
+    for _ in range(400):  # up to 40,000 pings: far more pong bytes than the kernel holds
+        try:
+            s.send(ping)
+        except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+            pass
+        ip.run_for(2)
+        if conn.outcome:
+            break
+    assert conn.outcome == "slow_client"
+    c.close()
+    ip.finish(fdcheck)
+
+
+def test_a_failure_of_the_loop_itself_stops_loudly_and_removes_the_socket(tmp_path):
+    """Fault injection into the loop's machinery (the timer heap): the one case
+    that may stop the daemon.  It says so, tells systemd, removes its socket."""
+    import subprocess
+    import sys
+    sock_path, notify_path = str(tmp_path / "s.sock"), str(tmp_path / "notify")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    notify.settimeout(10)
+    script = ("import sys; sys.path.insert(0, %r); import streamd\n"
+              "def broken(self, now, slack=0.0, on_error=None):\n"
+              "    raise RuntimeError('the timer heap is broken')\n"
+              "streamd.Timers.run_due = broken\n"
+              "sys.exit(streamd.main(['--socket', %r, '--metrics-addr', '']))\n"
+              % (os.path.dirname(streamd.__file__), sock_path))
+    p = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, NOTIFY_SOCKET=notify_path),
+                       capture_output=True, text=True, timeout=30)
+    states = []
+    while True:
+        try:
+            states.append(notify.recv(256).decode())
+        except (socket.timeout, BlockingIOError):
+            break
+        notify.settimeout(0.1)
+    notify.close()
+    assert p.returncode == 70
+    assert states == ["READY=1", "STOPPING=1"]
+    assert 'level=critical msg="event loop crashed: this is a bug in streamd" error=RuntimeError' in p.stderr
+    assert "the timer heap is broken" in p.stderr
+    assert not os.path.exists(sock_path)
+
+
+# ---- found by the process-level hostile mix (tests/test_hostile.py) ----
+
+@pytest.mark.parametrize("first, later, status", [
+    (b"GET  / HTTP/1.1\r\n", b"x\r\n", 400),                          # refused at once, more bytes follow
+    (b"GET /healthz HTTP/1.1\r\nHost: t\r\n", b"\r\n", 408),          # timed out, then the rest arrives
+    (b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 70000 + b"\r\n", b"", 431),  # refused in the first read of many
+], ids=["400", "408", "431"])
+def test_bytes_after_the_front_answered_are_discarded(daemon, fdcheck, first, later, status):
+    ip = front(daemon, http__request_timeout=1.0)
+    c = connect(ip, first)
+    ip.pump(lambda: c.has(b"HTTP/1.1 "), advance=0.25)
+    assert c.data.startswith(b"HTTP/1.1 %d " % status)
+    if later:
+        c.sock.sendall(later)
+    ip.run_for(10)
+    c.close()
+    ip.finish(fdcheck)
+    assert not ip.d.stats.internal_errors
+
+
+class TrickleUpstream(RawUpstream):
+    """Sends its answer one byte at a time, 20 ms apart."""
+
+    def serve(self):
+        self.sock.settimeout(0.05)
+        while not self.stopped:
+            try:
+                c, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with c:
+                try:
+                    c.recv(65536)
+                    for b in self.answer:
+                        if self.stopped:
+                            break
+                        c.send(bytes((b,)))
+                        time.sleep(0.02)
+                except OSError:
+                    pass
+
+
+def test_header_timeout_bounds_the_whole_head_not_each_read(daemon, fdcheck):
+    up = TrickleUpstream(b"HTTP/1.1 200 OK\r\n" + b"X-Slow: " + b"s" * 1000 + b"\r\n\r\n")
+    ip = daemon(**settings("openai", up, upstream__header_timeout=1.0))
+    c = client(ip.path, b"\0")
+    ip.pump(c.done, advance=0.05)  # ~1 fake second per 20 passes; the head needs 1,000+ bytes
+    r = c.parsed()
+    assert r.status == 504 and b"did not answer within 1s" in r.body
+    c.close()
+    ip.finish(fdcheck, up)
+
+
+def test_a_head_over_64_KiB_in_one_read_is_502(daemon, fdcheck):
+    up = RawUpstream(b"HTTP/1.1 200 OK\r\nX-Big: " + b"b" * 70000 + b"\r\n\r\n")
+    ip = daemon(**settings("openai", up))
+    c = client(ip.path, b"\0")
+    ip.pump(c.done)
+    assert c.parsed().status == 502 and b"head larger than 65536 bytes" in c.parsed().body
+    c.close()
+    ip.finish(fdcheck, up)
+
+
+def sse_upstream(*events):
+    body = b"".join(b"data: " + e + b"\n\n" for e in events)
+    return RawUpstream(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+
+def test_chunks_of_the_wrong_shape_are_read_as_absent(daemon, fdcheck):
+    weird = [b'{"choices":5}', b'{"choices":"s"}', b'{"choices":[5]}', b'{"choices":[null]}', b'{"choices":[[1]]}',
+             b'{"choices":[{"delta":5}]}', b'{"choices":[{"delta":"x"}]}', b'{"choices":[{"delta":[1]}]}',
+             b'{"choices":[{"delta":{"content":5}}]}', b'{"usage":5}', b'{"usage":"s"}', b'{"usage":[1]}',
+             b'{"choices":[{"delta":{"content":"ok"},"finish_reason":7}]}',
+             b'{"choices":[],"usage":{"prompt_tokens":"3","completion_tokens":true,"total_tokens":-1}}', b"[DONE]"]
+    up = sse_upstream(*weird)
+    ip = daemon(**settings("openai", up))
+    c = client(ip.path, {"include_usage": True})
+    ip.pump(c.done)
+    assert c.data.endswith(b'data: {"content":"ok"}\n\n'
+                           b'data: {"finish_reason":"stop","usage":{"prompt_tokens":0,"completion_tokens":0,'
+                           b'"total_tokens":0}}\n\ndata: [DONE]\n\n')
+    c.close()
+    ip.finish(fdcheck, up)
+    assert not ip.d.stats.internal_errors
+
+
+@pytest.mark.parametrize("number", [b"NaN", b"Infinity", b"-Infinity", b"1e999"])
+def test_non_finite_numbers_from_an_upstream_never_reach_the_client(daemon, fdcheck, number):
+    up = sse_upstream(b'{"choices":[{"delta":{"content":"a"}}]}',
+                      b'{"choices":[],"usage":{"prompt_tokens":' + number + b"}}", b"[DONE]")
+    ip = daemon(**settings("openai", up))
+    c = client(ip.path, {"include_usage": True})
+    ip.pump(c.done)
+    assert number not in c.data and b"upstream sent an event that is not JSON" in c.data
+    c.close()
+    ip.finish(fdcheck, up)

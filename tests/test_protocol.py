@@ -97,7 +97,9 @@ def test_error_never_echoes_the_value():
     (b"{not json", "not valid JSON"),
     (b"[1, 2]", "expected a JSON object, got array"),
     (b'"prompt"', "expected a JSON object, got string"),
-    (b'{"prompt": "\xff\xfe"}', "not valid JSON"),
+    (b'{"prompt": "\xff\xfe"}', "not valid UTF-8 (at byte 12)"),
+    (b'{"prompt": "\xed\xa0\x80"}', "not valid UTF-8 (at byte 12)"),  # a UTF-8-encoded surrogate
+    (b"\xfe\xff" + '{"prompt": "hi"}'.encode("utf-16-be"), "not valid UTF-8 (at byte 0)"),
     (b"[" * 100000, "not valid JSON"),
     # Python's json takes these; RFC 8259 does not, and no upstream would.
     (b'{"temperature": NaN}', "not valid JSON: NaN is not a JSON number"),
