@@ -20,6 +20,17 @@ import streamd  # noqa: E402
 STREAMD = os.path.join(ROOT, "streamd.py")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-long", action="store_true",
+                     help="tests/test_hostile.py: run the long hostile mix (300 s; "
+                          "STREAMD_FUZZ_LONG=SECONDS for another length)")
+
+
+def pytest_configure(config):
+    if config.getoption("--fuzz-long") and not os.environ.get("STREAMD_FUZZ_LONG"):
+        os.environ["STREAMD_FUZZ_LONG"] = "300"
+
+
 class FakeClock:
     """A monotonic clock that moves only when told to."""
 
