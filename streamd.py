@@ -1694,7 +1694,10 @@ class Connection:
             return
         if self.corked:
             # Inside a backend step: collect, and send once when the step ends.
-            self.queue(data)
+            if not self.out:
+                self.out = data  # often the only piece: no copy
+            else:
+                self.queue(data)
             return
         if self.out:
             self.queue(data)
@@ -1703,18 +1706,7 @@ class Connection:
             if len(self.out) > limit:
                 self.drop("slow_client", "write buffer over %d bytes" % limit)
             return
-        self.send_now(data)
-
-    def queue(self, data) -> None:
-        if not self.out:
-            self.out = data  # often the only piece: no copy
-        else:
-            if type(self.out) is not bytearray:
-                self.out = bytearray(self.out)
-            self.out += data
-
-    def send_now(self, data) -> None:
-        """Send `data` (nothing else is queued); queue what the kernel did not take."""
+        # Nothing queued: send at once, queue what the kernel did not take.
         try:
             n = self.sock.send(data)
         except (BlockingIOError, InterruptedError):
@@ -1725,13 +1717,17 @@ class Connection:
         self.bytes += n
         now = self.daemon.clock()
         self.last_send = now
-        if n == len(data):
-            self.out = b""
-        else:
+        if n < len(data):
             self.last_progress = now  # the write timeout counts from here
             self.out = bytearray(memoryview(data)[n:])
             self.update_interest()
             self.arm_write_timer()
+
+    def queue(self, data) -> None:
+        """Append to what is queued (a bytearray from the second piece on)."""
+        if type(self.out) is not bytearray:
+            self.out = bytearray(self.out)
+        self.out += data
 
     def cfg_limit(self, key):
         # The daemon's current config: limits and timeouts follow a SIGHUP at once.
@@ -1744,8 +1740,10 @@ class Connection:
         if self.state is State.CLOSED:
             return
         if self.out and not self.mask & _WRITE:  # (else: waiting for the socket already; flush() sends it)
-            self.send_now(self.out)
-        self.sent()
+            data, self.out = self.out, b""
+            Connection.write(self, data)  # with nothing queued, write() sends (bytes as they are: not a subclass's)
+        if self.parked or self.state is State.FLUSHING:
+            self.sent()
 
     def flush(self) -> None:
         """The socket is writable: send what is queued."""

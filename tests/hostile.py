@@ -2405,40 +2405,30 @@ def final_stream_checks(d, up):
     handoff (keep-alive: leaves exactly one pooled upstream connection, as
     the warm-up did).  Returns a list of problems."""
     problems = []
-    a, b = socket.socketpair()
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
-            s.settimeout(5)
-            s.connect(d.path)
-            s.sendmsg([b'{"prompt":"final","include_usage":true}'],
-                      [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [b.fileno()]))])
-        b.close()
-        out = read_stream(a, now() + 10)
-        if out.kind != "done":
-            problems.append("mock handoff after the mix: %r %s" % (out, short(out.data, 300)))
-    finally:
-        a.close()
-        b.close()
+
+    def handoff(data, what):
+        a, b = socket.socketpair()
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+                s.settimeout(5)
+                s.connect(d.path)
+                s.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [b.fileno()]))])
+            b.close()
+            out = read_stream(a, now() + 10)
+            if out.kind != "done":
+                problems.append("%s after the mix: %r %s" % (what, out, short(out.data, 300)))
+        finally:
+            a.close()
+            b.close()
+
+    handoff(b'{"prompt":"final","include_usage":true}', "mock handoff")
     with socket.create_connection(d.front, timeout=5) as s:
         s.sendall(http_post("/v1/stream", b'{"prompt":"final"}'))
         data, how = recv_until(s, now() + 10)
     out = classify(data, how)
     if out.kind != "done":
         problems.append("POST /v1/stream after the mix: %r %s" % (out, short(out.data, 300)))
-    a, b = socket.socketpair()
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
-            s.settimeout(5)
-            s.connect(d.path)
-            s.sendmsg([b'{"prompt":"final","backend":"openai","test_pattern":"h:valid_chunked:final"}'],
-                      [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [b.fileno()]))])
-        b.close()
-        out = read_stream(a, now() + 10)
-        if out.kind != "done":
-            problems.append("openai handoff after the mix: %r %s" % (out, short(out.data, 300)))
-    finally:
-        a.close()
-        b.close()
+    handoff(b'{"prompt":"final","backend":"openai","test_pattern":"h:valid_chunked:final"}', "openai handoff")
     return problems
 
 

@@ -255,11 +255,14 @@ class RawUpstream:
                 c.settimeout(5)
                 try:
                     c.recv(65536)
-                    c.sendall(self.answer)
-                    c.shutdown(socket.SHUT_WR)
-                    c.recv(1)
+                    self.send_answer(c)
                 except OSError:
                     pass
+
+    def send_answer(self, c):
+        c.sendall(self.answer)
+        c.shutdown(socket.SHUT_WR)
+        c.recv(1)
 
     def close(self):
         self.stopped = True
@@ -678,25 +681,12 @@ def test_bytes_after_the_front_answered_are_discarded(daemon, fdcheck, first, la
 class TrickleUpstream(RawUpstream):
     """Sends its answer one byte at a time, 20 ms apart."""
 
-    def serve(self):
-        self.sock.settimeout(0.05)
-        while not self.stopped:
-            try:
-                c, _ = self.sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
+    def send_answer(self, c):
+        for b in self.answer:
+            if self.stopped:
                 return
-            with c:
-                try:
-                    c.recv(65536)
-                    for b in self.answer:
-                        if self.stopped:
-                            break
-                        c.send(bytes((b,)))
-                        time.sleep(0.02)
-                except OSError:
-                    pass
+            c.send(bytes((b,)))
+            time.sleep(0.02)
 
 
 def test_header_timeout_bounds_the_whole_head_not_each_read(daemon, fdcheck):
