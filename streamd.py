@@ -1475,6 +1475,7 @@ class Timers:
         if t is None or t.cancelled:
             return
         t.cancelled = True
+        t.fn = t.arg = None  # a dead entry waits for its deadline: it must not hold a connection meanwhile
         # Dead entries wait for their deadline; rebuild when they are the
         # majority (a 300 s timer cancelled after 1 s would otherwise linger).
         if t.fifo is None:
@@ -3114,16 +3115,19 @@ class WSConnection(Connection):
                 + ws_close_frame(1011 if status == 500 else 1001))
 
     def received(self, data: bytes) -> None:
+        # (The fault is kept as (code, text), never as the exception: in a
+        # local it would form a cycle with its own traceback, holding this
+        # connection until the collector runs; see Daemon.tend_gc.)
         try:
-            messages, error = self.front.ws.feed(data), None
+            messages, fault = self.front.ws.feed(data), None
         except WSError as e:
-            messages, error = e.messages, e
+            messages, fault = e.messages, (e.code, str(e))
         for opcode, payload in messages:  # (those before a fault count: it came after them)
             self.message(opcode, payload)
             if self.state is State.CLOSED:
                 return
-        if error is not None:
-            self.fail(error.code, str(error))
+        if fault is not None:
+            self.fail(*fault)
 
     def message(self, opcode: int, payload: bytes) -> None:
         if opcode == WS_PING:

@@ -743,3 +743,46 @@ def test_non_finite_numbers_from_an_upstream_never_reach_the_client(daemon, fdch
     assert number not in c.data and b"upstream sent an event that is not JSON" in c.data
     c.close()
     ip.finish(fdcheck, up)
+
+
+# ---- no reference cycles per connection ----
+#
+# The daemon freezes what survives into the permanent generation once a second
+# (Daemon.tend_gc): connections must be freed by reference counting alone.  A
+# cycle through one (an exception kept in a frame of its own traceback) would
+# hold it, its buffers and its request until the next full collection.
+
+@pytest.mark.parametrize("flow", ["mock", "ws_fault", "bad_handoff", "front_refusal", "backend_error", "timeout"])
+def test_a_connection_leaves_no_reference_cycle_behind(daemon, probe_backend, flow):
+    import gc
+    from test_front import ws_open
+    from test_front_wire import client_frame
+
+    def script(req):
+        yield ("event", {"content": "x"})
+        raise streamd.BackendError("upstream went away")
+    probe_backend(script)
+    ip = front(daemon, backend__mock__message_delay=0.0, http__request_timeout=1.0, backend__enabled=["probe"])
+    exchange(ip, get("/healthz"))  # warm every code path once (first-use caches)
+    gc.collect()
+    gc.disable()
+    try:
+        if flow == "mock":
+            c = client(ip.path, b"\0")
+        elif flow == "ws_fault":
+            c = ws_open(ip)
+            c.sock.send(client_frame(streamd.WS_TEXT, b"\xff\xfe"))  # invalid UTF-8: close 1007
+        elif flow == "bad_handoff":
+            c = client(ip.path, b"[" * 5000)
+        elif flow == "front_refusal":
+            c = connect(ip, b"GET /nope HTTP/1.1\r\nHost: t\r\n\r\n")
+        elif flow == "backend_error":
+            c = client(ip.path, {"backend": "probe"})
+        else:
+            c = connect(ip, b"GET / HTTP/1.1\r\n")
+        ip.pump(c.done, advance=0.25)
+        c.close()
+        ip.pump(lambda: not ip.d.conns, advance=0.25)
+        assert gc.collect() == 0, "the %s flow left garbage that only the cycle collector can free" % flow
+    finally:
+        gc.enable()
