@@ -330,25 +330,29 @@ def test_hostile_upstream_bodies_end_the_stream_with_an_error_event(daemon, fdch
 
 # ---- 7. at the fd limit, a handoff is answered 503, not dropped ----
 
-def lowest_free_fd():
-    fd = os.dup(0)
-    os.close(fd)
-    return fd
-
-
-def test_at_the_fd_limit_a_handoff_gets_503(daemon, fdcheck):
-    ip = daemon(backend__mock__message_delay=0.0)
+def handoff_at_the_fd_limit(ip, free):
+    """Send a handoff, then let the daemon take it with only `free` fds left
+    (the limit caps fd numbers: set it just above the lowest free one).
+    Returns (our end of the client socket, the Unix connection)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     mine, theirs = socket.socketpair()
     unix = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     unix.connect(ip.path)
     unix.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [theirs.fileno()]))])
     theirs.close()
+    lowest = os.dup(0)
+    os.close(lowest)
     try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free_fd(), hard))  # no free fd left
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest + free, hard))
         ip.run_for(5)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return mine, unix
+
+
+def test_at_the_fd_limit_a_handoff_gets_503(daemon, fdcheck):
+    ip = daemon(backend__mock__message_delay=0.0)
+    mine, unix = handoff_at_the_fd_limit(ip, 0)  # no free fd left
     c = streamd_client(mine)
     ip.pump(c.done)
     r = c.parsed()
@@ -373,17 +377,7 @@ def streamd_client(sock):
 def test_a_socket_lost_to_the_fd_limit_is_named_as_such(daemon, fdcheck, monkeypatch, caplog):
     monkeypatch.setattr(streamd.FdReserve, "SPARES", 0)  # no spares: the kernel drops the fd
     ip = daemon()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    mine, theirs = socket.socketpair()
-    unix = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    unix.connect(ip.path)
-    unix.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [theirs.fileno()]))])
-    theirs.close()
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free_fd() + 1, hard))  # room for the accept only
-        ip.run_for(5)
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    mine, unix = handoff_at_the_fd_limit(ip, 1)  # room for the accept only
     ip.pump(lambda: not ip.d.conns)
     assert ip.d.stats.handoff_errors == {"emfile": 1}
     [rec] = [r for r in caplog.records if r.getMessage() == "handoff failed"]
