@@ -323,8 +323,57 @@ class Option:
         self.flag, self.env, self.live, self.help = flag, env, live, help
 
 
-def upstream_options(name, base, auth, path, model, model_note=""):
-    """The rows every HTTP backend has: key, base URL, Unix socket, default model."""
+class NestedValueError(ValueError):
+    """A bad value inside a mapping option (a profile's api_base): names the sub-key."""
+
+    def __init__(self, key: str, expect: str, value):
+        super().__init__(key)
+        self.key, self.expect, self.value = key, expect, value
+
+
+# What a profile (backend.<name>.profiles.<profile>) may set, and how each is read.
+PROFILE_KEYS = {"api_base": lambda: p_url, "api_key": lambda: p_str, "api_socket": lambda: p_abspath_or_empty,
+                "default_model": lambda: p_str}
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def p_profiles(extra=()):
+    """Named upstreams of one backend: {name: {api_base, api_key | api_key_env,
+    api_socket, default_model, ...}}; each inherits what it does not set."""
+    keys = dict(PROFILE_KEYS, **dict(extra))
+
+    @_parser("a mapping of profile names to mappings")
+    def parse(v):
+        if not isinstance(v, dict):
+            raise ValueError
+        out = {}
+        for name, prof in v.items():
+            if not isinstance(name, str) or not _REF.fullmatch(name):
+                raise NestedValueError(str(name)[:64], "a profile name (letters, digits, _.-)", name)
+            if not isinstance(prof, dict):
+                raise NestedValueError(name, "a mapping of settings", prof)
+            parsed = {}
+            for k, raw in prof.items():
+                if k == "api_key_env":
+                    if not isinstance(raw, str) or not _ENV_NAME.fullmatch(raw):
+                        raise NestedValueError("%s.%s" % (name, k), "an environment variable name", raw)
+                    parsed[k] = raw
+                    continue
+                if k not in keys:
+                    raise NestedValueError("%s.%s" % (name, k), "one of " + ", ".join(sorted(set(keys) | {"api_key_env"})), k)
+                parser = keys[k]()
+                try:
+                    parsed[k] = parser(raw)
+                except (ValueError, TypeError):
+                    raise NestedValueError("%s.%s" % (name, k), parser.expect, raw) from None
+            out[name] = parsed
+        return out
+    return parse
+
+
+def upstream_options(name, base, auth, path, model, model_note="", profile_keys=()):
+    """The rows every HTTP backend has: key, base URL, Unix socket, default
+    model, and named profiles (other upstreams a request may choose)."""
     up = name.upper()
     rows = [
         Option("backend.%s.api_key" % name, "", p_str, "--%s-key" % name, env=up + "_API_KEY",
@@ -337,6 +386,10 @@ def upstream_options(name, base, auth, path, model, model_note=""):
     if model is not None:
         rows.append(Option("backend.%s.default_model" % name, model, p_str, "--%s-model" % name,
                            help=("%s: model when the handoff names none " % name + model_note).strip()))
+    rows.append(Option("backend.%s.profiles" % name, {}, p_profiles(profile_keys), None, live=True,
+                       help="%s: named upstreams a handoff may choose with \"profile\" (config file only): "
+                            "each may set %s and inherits the rest" % (
+                                name, ", ".join(sorted(set(PROFILE_KEYS) | {"api_key_env"} | set(dict(profile_keys)))))))
     return rows
 
 
@@ -370,6 +423,14 @@ OPTIONS = [
            live=True, help="on SIGTERM, how long live streams may still run"),
     Option("server.heartbeat_interval", 15.0, p_duration(allow_zero=True), "--heartbeat-interval",
            live=True, help="send ': ping' after this much silence"),
+    Option("server.data_dir", "/run/handoff-data", p_abspath, "--data-dir", live=True,
+           help="where PHP puts the files a handoff's 'attachments' name; each is deleted once read"),
+    Option("server.max_attachment_bytes", 20 << 20, p_size, "--max-attachment-bytes", live=True,
+           help="largest image or PDF attachment; larger is 400"),
+    Option("server.max_text_attachment_bytes", 1 << 20, p_size, "--max-text-attachment-bytes", live=True,
+           help="largest text attachment; larger is 400"),
+    Option("server.max_attachments_bytes", 40 << 20, p_size, "--max-attachments-bytes", live=True,
+           help="all the attachments of one request together; more is 400"),
     Option("server.workers", 1, p_int(1, 64), "--workers",
            help="worker processes sharing the socket; more than 1 adds a supervising parent"),
     Option("server.benchmark", False, p_bool, "--benchmark",
@@ -389,15 +450,25 @@ OPTIONS = [
            help="anthropic: max_tokens when the handoff sets none (the API requires one)"),
     Option("backend.anthropic.version", "2023-06-01", p_str, "--anthropic-version",
            help="anthropic: the anthropic-version header"),
+    Option("backend.anthropic.thinking_budget", 2048, _parser("0, or a number of tokens >= 1024")(
+           lambda v: p_int(0)(v) and p_int(1024)(v)), "--anthropic-thinking-budget", live=True,
+           help="anthropic: with include_reasoning, ask for extended thinking with this many tokens "
+                "(at least 1024; max_tokens is raised above it if needed); 0: never ask"),
     *upstream_options("gemini", "https://generativelanguage.googleapis.com", "x-goog-api-key",
                       "/v1beta/models/...", "gemini-2.5-flash"),
-    *upstream_options("langgraph", "http://127.0.0.1:2024", "X-Api-Key", "/runs/stream", None),
+    *upstream_options("langgraph", "http://127.0.0.1:2024", "X-Api-Key", "/runs/stream", None,
+                      profile_keys=(("assistant_id", lambda: p_str), ("stream_mode", lambda: p_names),
+                                    ("output", lambda: p_choice("uniform", "raw")),
+                                    ("content_format", lambda: p_choice("openai", "anthropic")))),
     Option("backend.langgraph.assistant_id", "agent", p_str, "--langgraph-assistant",
            env="LANGGRAPH_ASSISTANT_ID", help="langgraph: assistant when the handoff names none"),
     Option("backend.langgraph.stream_mode", ["messages-tuple"], p_names, "--langgraph-stream-mode",
            env="LANGGRAPH_STREAM_MODE", help="langgraph: stream_mode when the handoff sets none"),
     Option("backend.langgraph.output", "uniform", p_choice("uniform", "raw"), "--langgraph-output",
            help="langgraph: uniform content events, or raw (the upstream SSE bytes verbatim)"),
+    Option("backend.langgraph.content_format", "openai", p_choice("openai", "anthropic"), "--langgraph-content-format",
+           help="langgraph: attachments as OpenAI-style parts (image_url; no PDFs) or Anthropic-style "
+                "blocks (image, document)"),
     Option("backend.typing.fortune_path", "/usr/games/fortune", p_abspath, "--fortune-path",
            help="typing: program whose output is typed (a built-in quote when missing)"),
     Option("backend.typing.char_delay", 0.04, p_duration(allow_zero=True), "--typing-delay", live=True,
@@ -483,6 +554,8 @@ def parse_option(opt: Option, raw, source: str):
     """Parse one value; on failure raise ConfigError naming source, key and value."""
     try:
         return opt.parse(raw)
+    except NestedValueError as e:
+        raise ConfigError("%s: %s.%s: expected %s, got %s" % (source, opt.key, e.key, e.expect, _shown(e.value))) from None
     except (ValueError, TypeError, OverflowError):
         where = source if source.startswith("-") or source.isupper() else "%s: %s" % (source, opt.key)
         raise ConfigError("%s: expected %s, got %s" % (where, opt.parse.expect, _shown(raw))) from None
@@ -699,35 +772,83 @@ class Request:
 
     __slots__ = ("prompt", "messages", "system", "model", "max_tokens", "temperature", "top_p",
                  "user_id", "request_id", "backend", "test_pattern", "response_headers",
-                 "dropped_headers", "include_usage", "thread_id", "assistant_id",
-                 "langgraph_input", "stream_mode")
+                 "dropped_headers", "include_usage", "include_reasoning", "thread_id", "assistant_id",
+                 "langgraph_input", "stream_mode", "tools", "tool_choice", "profile",
+                 "attachments", "attachment_types", "image_paths", "images", "files")
 
     def __init__(self):
         self.prompt = self.messages = self.system = self.model = self.max_tokens = None
         self.temperature = self.top_p = self.user_id = self.request_id = self.backend = None
-        self.test_pattern = self.thread_id = self.assistant_id = None
-        self.langgraph_input = self.stream_mode = None
+        self.test_pattern = self.thread_id = self.assistant_id = self.profile = None
+        self.langgraph_input = self.stream_mode = self.tools = self.tool_choice = None
+        self.attachments = self.attachment_types = self.image_paths = None
+        self.images = ()   # [(mime, base64)] given inline (the Go daemon's "images")
+        self.files = None  # the attachments, read: {ref: (mime, bytes or text)} (see Attachments)
         self.response_headers = self.dropped_headers = ()
-        self.include_usage = False
+        self.include_usage = self.include_reasoning = False
 
     def conversation(self) -> list:
-        """[(role, text)]: `messages` if given, else `prompt` as one user message."""
+        """The conversation as [Message]: `messages` if given, else `prompt` as
+        one user message; the attachments and images (once read) are parts of
+        the last user message."""
         if self.messages:
-            return [(m["role"], message_text(m["content"])) for m in self.messages]
-        return [("user", self.prompt or "")]
+            out = [Message.from_object(m) for m in self.messages]
+        else:
+            out = [Message("user", [("text", self.prompt or "")])]
+        if self.files or self.images:
+            for m in reversed(out):
+                if m.role == "user":
+                    m.parts = place_attachments(m.text(), self.files or {}, self.images)
+                    break
+        return out
 
     def last_user_text(self) -> str:
-        for role, text in reversed(self.conversation()):
-            if role == "user":
-                return text
+        for m in reversed(self.conversation()):
+            if m.role == "user":
+                return m.text()
         return ""
 
 
-def message_text(content) -> str:
-    """A message's content as one string: a string, or the text parts joined."""
-    if isinstance(content, str):
-        return content
-    return "".join(part["text"] for part in content)
+def _signature(call: dict) -> str:
+    """A tool call's Gemini thought signature, where Google's OpenAI-compatible
+    API puts it: extra_content.google.thought_signature (Gemini 3 refuses a
+    function call sent back without it)."""
+    google = (call.get("extra_content") or {}).get("google") if isinstance(call.get("extra_content"), dict) else None
+    sig = google.get("thought_signature") if isinstance(google, dict) else None
+    return sig if isinstance(sig, str) else ""
+
+
+class Message:
+    """One message, in the neutral form every backend translates from:
+    role ("system", "user", "assistant", "tool" or another the client named),
+    parts [("text", str) | ("image", mime, base64) | ("document", mime, base64, name)],
+    tool_calls [(id, name, arguments JSON text, thought signature or "")]
+    (assistant), tool_call_id (tool)."""
+
+    __slots__ = ("role", "parts", "tool_calls", "tool_call_id")
+
+    def __init__(self, role, parts, tool_calls=(), tool_call_id=None):
+        self.role, self.parts, self.tool_calls, self.tool_call_id = role, parts, tool_calls, tool_call_id
+
+    @classmethod
+    def from_object(cls, m: dict):
+        content = m.get("content")
+        if content is None:
+            parts = []
+        elif isinstance(content, str):
+            parts = [("text", content)]
+        else:
+            parts = [("text", p["text"]) for p in content]
+        calls = [(c["id"], c["function"]["name"], c["function"].get("arguments") or "{}", _signature(c))
+                 for c in m.get("tool_calls") or ()]
+        return cls(m["role"], parts, calls, m.get("tool_call_id"))
+
+    def text(self) -> str:
+        return "".join(p[1] for p in self.parts if p[0] == "text")
+
+
+    def only_text(self) -> bool:
+        return all(p[0] == "text" for p in self.parts)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -792,6 +913,8 @@ _FIELD_CHECKS = {
     "top_p": (_check_number, "a number"),
     "user_id": (lambda v: _check_int(v) or isinstance(v, str), "an integer or a string"),
     "include_usage": (lambda v: isinstance(v, bool), "true or false"),
+    "include_reasoning": (lambda v: isinstance(v, bool), "true or false"),
+    "profile": (_check_name, _NAME),
     "langgraph_input": (lambda v: isinstance(v, dict), "an object"),
     "stream_mode": (lambda v: isinstance(v, str) or (isinstance(v, list) and v and all(
         isinstance(s, str) for s in v)), "a string or a list of strings"),
@@ -827,6 +950,10 @@ def _bad(field: str, expected: str, value) -> ProtocolError:
 
 
 def _parse_messages(value) -> list:
+    """OpenAI's chat shape: {role, content} where content is a string, a list
+    of text parts, or (an assistant calling tools) null; an assistant's
+    tool_calls [{id, type: function, function: {name, arguments}}]; a tool
+    result {role: tool, tool_call_id, content}."""
     if not isinstance(value, list):
         raise _bad("messages", "a list of {role, content} objects", value)
     if len(value) > MAX_MESSAGES:
@@ -835,17 +962,125 @@ def _parse_messages(value) -> list:
         where = "messages[%d]" % i
         if not isinstance(m, dict):
             raise _bad(where, "an object with role and content", m)
-        if not isinstance(m.get("role"), str) or not m["role"]:
-            raise _bad(where + ".role", "a non-empty string", m.get("role"))
+        role = m.get("role")
+        if not isinstance(role, str) or not role or not _check_name(role):
+            raise _bad(where + ".role", "a non-empty string", role)
         content = m.get("content")
         if isinstance(content, list):
             for j, part in enumerate(content):
                 if not (isinstance(part, dict) and isinstance(part.get("text"), str)
                         and part.get("type", "text") == "text"):
                     raise _bad("%s.content[%d]" % (where, j), 'a text part {"type":"text","text":...}', part)
-        elif not isinstance(content, str):
+        elif not isinstance(content, str) and not (content is None and m.get("tool_calls")):
             raise _bad(where + ".content", "a string or a list of text parts", content)
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if role != "assistant":
+                raise ProtocolError(400, "%s.tool_calls: only an assistant message calls tools" % where)
+            _parse_tool_calls(calls, where + ".tool_calls")
+        if role == "tool" and not _check_name(m.get("tool_call_id")):
+            raise _bad(where + ".tool_call_id", "the id of the tool call this answers (" + _NAME + ")",
+                       m.get("tool_call_id"))
     return value
+
+
+MAX_TOOLS = 128  # tools offered, and tool calls in one message
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+def _parse_tool_calls(calls, where: str) -> None:
+    if not isinstance(calls, list) or len(calls) > MAX_TOOLS:
+        raise _bad(where, "a list of at most %d tool calls" % MAX_TOOLS, calls)
+    for j, c in enumerate(calls):
+        at = "%s[%d]" % (where, j)
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict):
+            raise _bad(at, '{"id": ..., "type": "function", "function": {"name": ..., "arguments": ...}}', c)
+        if not _check_name(c.get("id")):
+            raise _bad(at + ".id", _NAME, c.get("id"))
+        if not (isinstance(fn.get("name"), str) and _TOOL_NAME.fullmatch(fn["name"])):
+            raise _bad(at + ".function.name", "a tool name (letters, digits, _.:-; 1 to 128)", fn.get("name"))
+        if not isinstance(fn.get("arguments", ""), str):
+            raise _bad(at + ".function.arguments", "the arguments as a JSON text (a string)", fn.get("arguments"))
+        if len(_signature(c)) > 1 << 16:
+            raise ProtocolError(400, "%s.extra_content.google.thought_signature: longer than 64 KiB" % at)
+
+
+def _parse_tools(value) -> list:
+    """OpenAI's function tools: [{"type": "function", "function": {name,
+    description, parameters}}], kept in that shape."""
+    if not isinstance(value, list) or len(value) > MAX_TOOLS:
+        raise _bad("tools", "a list of at most %d function tools" % MAX_TOOLS, value)
+    for i, t in enumerate(value):
+        where = "tools[%d]" % i
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or t.get("type", "function") != "function":
+            raise _bad(where, '{"type": "function", "function": {"name": ..., "parameters": {...}}}', t)
+        if not (isinstance(fn.get("name"), str) and _TOOL_NAME.fullmatch(fn["name"])):
+            raise _bad(where + ".function.name", "a tool name (letters, digits, _.:-; 1 to 128)", fn.get("name"))
+        if not isinstance(fn.get("description", ""), str):
+            raise _bad(where + ".function.description", "a string", fn.get("description"))
+        if not isinstance(fn.get("parameters", {}), dict):
+            raise _bad(where + ".function.parameters", "a JSON Schema object", fn.get("parameters"))
+    return value
+
+
+def _parse_tool_choice(value, tools):
+    """"auto", "none", "required", or {"type": "function", "function": {"name"}}
+    naming one of the tools."""
+    if value in ("auto", "none", "required"):
+        return value
+    fn = value.get("function") if isinstance(value, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise _bad("tool_choice", '"auto", "none", "required" or {"type": "function", "function": {"name": ...}}',
+                   value)
+    if fn["name"] not in {t["function"]["name"] for t in tools or ()}:
+        raise ProtocolError(400, "tool_choice: %r is not one of the tools" % fn["name"][:128])
+    return value
+
+
+def _parse_attachments(obj: dict, req) -> None:
+    """The Go daemon's fields, so that PHP written for it works unchanged:
+    attachments {ref: file name in data_dir}, attachment_types {ref: MIME},
+    images [{base64, mime_type}], and its older image_paths, image_path,
+    image_base64, image_mime_type.  Files are read later (Attachments)."""
+    for field in ("attachments", "attachment_types"):
+        v = obj.get(field)
+        if v is None:
+            continue
+        if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()):
+            raise _bad(field, "an object of strings {ref: %s}" % ("file name" if field == "attachments" else "MIME type"), v)
+        if len(v) > MAX_ATTACHMENTS:
+            raise ProtocolError(400, "%s: more than %d entries" % (field, MAX_ATTACHMENTS))
+        for ref in v:
+            if not _REF.fullmatch(ref):
+                raise ProtocolError(400, "%s: ref %r is not a name (letters, digits, _.-)" % (field, ref[:64]))
+        setattr(req, field, v)
+    paths = obj.get("image_paths") or ([obj["image_path"]] if isinstance(obj.get("image_path"), str) else [])
+    if not (isinstance(paths, list) and len(paths) <= MAX_ATTACHMENTS and all(isinstance(p, str) for p in paths)):
+        raise _bad("image_paths", "a list of at most %d file paths in data_dir" % MAX_ATTACHMENTS, paths)
+    req.image_paths = paths or None
+    images = obj.get("images")
+    if isinstance(obj.get("image_base64"), str):
+        images = list(images or []) + [{"base64": obj["image_base64"], "mime_type": obj.get("image_mime_type")}]
+    if images is not None:
+        if not isinstance(images, list) or len(images) > MAX_ATTACHMENTS:
+            raise _bad("images", "a list of at most %d {base64, mime_type} objects" % MAX_ATTACHMENTS, images)
+        out = []
+        for i, im in enumerate(images):
+            b64 = im.get("base64") if isinstance(im, dict) else None
+            mime = (im.get("mime_type") if isinstance(im, dict) else None) or "image/jpeg"
+            if not isinstance(b64, str) or not isinstance(mime, str) or not _BASE64.fullmatch(b64):
+                raise _bad("images[%d]" % i, "{base64: <base64 text>, mime_type: image/...}", im)
+            if mime not in IMAGE_TYPES.values():
+                raise ProtocolError(400, "images[%d]: unsupported image type %r" % (i, mime[:64]))
+            out.append((mime, b64))
+        req.images = out
+
+
+MAX_ATTACHMENTS = 32
+_REF = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 
 
 class ClientJSONError(ValueError):
@@ -946,6 +1181,23 @@ def request_from_object(obj: dict) -> Request:
             setattr(req, name, value)
     if obj.get("messages") is not None:
         req.messages = _parse_messages(obj["messages"]) or None
+    if obj.get("tools") is not None:
+        req.tools = _parse_tools(obj["tools"]) or None
+    if obj.get("tool_choice") is not None:
+        req.tool_choice = _parse_tool_choice(obj["tool_choice"], req.tools)
+    for field in ("langgraph_url", "langgraph_api_key"):
+        if obj.get(field):
+            raise ProtocolError(400, "%s: per-request upstream URLs and keys are not accepted; "
+                                "name a configured profile instead" % field)
+    lg = obj.get("lg")
+    if lg is not None:  # the Go daemon's "profile|url|key"; only the profile is taken
+        parts = lg.split("|") if isinstance(lg, str) else None
+        if parts is None or any(parts[1:]):
+            raise ProtocolError(400, "lg: only a profile name is accepted (\"profile||\"), "
+                                "not per-request URLs or keys")
+        if parts[0] and req.profile is None:
+            req.profile = parts[0]
+    _parse_attachments(obj, req)
     headers = obj.get("response_headers")
     if headers is not None:
         if not isinstance(headers, dict):
@@ -1014,6 +1266,190 @@ def sse_error(kind: str, message: str) -> bytes:
 
 SSE_DONE = b"data: [DONE]\n\n"
 SSE_PING = b": ping\n\n"
+
+
+# ---- Attachments ----
+#
+# The Go daemon's way, so that PHP written for it works unchanged: PHP writes
+# files into server.data_dir and names them in the handoff (`attachments`:
+# {ref: file name}); streamd reads each one, deletes it, and puts it where the
+# prompt says `{ref}`: text files inline, images and PDFs as parts of the
+# message.  Reading happens on a helper thread (the loop never touches the
+# disk), and nothing outside data_dir is ever opened: each path component is
+# opened relative to the one before with O_NOFOLLOW, so "..", absolute paths
+# and symlinks cannot lead out.
+
+TEXT_TYPES = {".txt": "text/plain", ".md": "text/markdown", ".csv": "text/csv", ".json": "application/json",
+              ".xml": "application/xml", ".html": "text/html", ".yaml": "application/yaml",
+              ".yml": "application/yaml", ".log": "text/plain"}
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
+               ".webp": "image/webp"}
+DOCUMENT_TYPES = {".pdf": "application/pdf"}
+_PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_.-]{1,64})\}")
+
+
+class AttachmentError(BackendError):
+    """An attachment the handoff names cannot be used: 400, naming the ref."""
+
+    def __init__(self, ref: str, why: str):
+        super().__init__("attachment %r: %s" % (ref, why), status=400, kind="invalid_request", reason="bad_request")
+
+
+def attachment_kind(mime: str) -> str:
+    """"text", "image" or "document" for a MIME type, "" if unsupported."""
+    mime = mime.split(";", 1)[0].strip().lower()
+    if mime.startswith("text/") or mime in ("application/json", "application/xml", "application/yaml"):
+        return "text"
+    if mime in IMAGE_TYPES.values():
+        return "image"
+    return "document" if mime in DOCUMENT_TYPES.values() else ""
+
+
+def read_attachments(req, cfg) -> dict:
+    """Runs on a helper thread.  {ref: (kind, mime, text or base64, file name)}
+    for req.attachments (and the legacy req.image_paths); AttachmentError
+    (400) for a path outside data_dir, a missing or special file, an
+    unsupported type, invalid UTF-8 text, or a size over the limits."""
+    import base64
+    root = cfg["server.data_dir"]
+    names = dict(req.attachments or {})
+    for i, path in enumerate(req.image_paths or ()):
+        if path.startswith("/"):  # the Go daemon took absolute paths here: inside data_dir only
+            if not path.startswith(root.rstrip("/") + "/"):
+                raise AttachmentError("image_paths[%d]" % i, "outside data_dir")
+            path = path[len(root.rstrip("/")) + 1:]
+        names.setdefault("image_paths[%d]" % i, path)
+    types = req.attachment_types or {}
+    total, out = 0, {}
+    for ref, path in names.items():
+        mime = types.get(ref) or _type_by_extension(path)
+        if not mime:
+            raise AttachmentError(ref, "unknown type (name it in attachment_types)")
+        kind = attachment_kind(mime)
+        if not kind:
+            raise AttachmentError(ref, "unsupported type %r" % mime[:64])
+        limit = cfg["server.max_text_attachment_bytes"] if kind == "text" else cfg["server.max_attachment_bytes"]
+        data = _read_inside(root, path, ref, min(limit, cfg["server.max_attachments_bytes"] - total))
+        total += len(data)
+        if kind == "text":
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                raise AttachmentError(ref, "not valid UTF-8 text") from None
+            out[ref] = (kind, mime, text, os.path.basename(path))
+        else:
+            out[ref] = (kind, mime, base64.b64encode(data).decode("ascii"), os.path.basename(path))
+    return out
+
+
+def _type_by_extension(path: str) -> str:
+    ext = os.path.splitext(path)[1].lower()
+    return TEXT_TYPES.get(ext) or IMAGE_TYPES.get(ext) or DOCUMENT_TYPES.get(ext) or ""
+
+
+def _read_inside(root: str, path: str, ref: str, limit: int) -> bytes:
+    """Read data_dir/path, walking the path one component at a time with
+    O_NOFOLLOW (no component may be "..", empty or a symlink), then delete it."""
+    parts = path.split("/")
+    if path.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise AttachmentError(ref, "the path must be a file name inside data_dir (no '..', not absolute)")
+    flags = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    try:
+        d = os.open(root, flags | os.O_DIRECTORY)
+    except OSError as e:
+        raise AttachmentError(ref, "data_dir cannot be opened: %s" % e.strerror) from None
+    try:
+        for part in parts[:-1]:
+            try:
+                nd = os.open(part, flags | os.O_DIRECTORY, dir_fd=d)
+            except OSError as e:
+                raise AttachmentError(ref, "a symlink or not a directory on the way" if e.errno in (
+                    errno.ELOOP, errno.ENOTDIR) else "cannot open: %s" % e.strerror) from None
+            os.close(d)
+            d = nd
+        try:
+            fd = os.open(parts[-1], flags | os.O_NONBLOCK, dir_fd=d)
+        except OSError as e:
+            raise AttachmentError(ref, "not found" if e.errno == errno.ENOENT else "a symlink"
+                                  if e.errno == errno.ELOOP else "cannot open: %s" % e.strerror) from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise AttachmentError(ref, "not a regular file")
+            if st.st_size > limit:
+                _unlink(parts[-1], d)
+                raise AttachmentError(ref, "%d bytes, over the limit of %d" % (st.st_size, limit))
+            chunks, n = [], 0
+            while True:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    break
+                n += len(chunk)
+                if n > limit:  # (it grew while we read)
+                    _unlink(parts[-1], d)
+                    raise AttachmentError(ref, "over the limit of %d bytes" % limit)
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
+        _unlink(parts[-1], d)  # read: PHP's file is ours to remove
+        return b"".join(chunks)
+    finally:
+        os.close(d)
+
+
+def _unlink(name: str, dir_fd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass  # best effort (read-only data_dir, or removed already)
+
+
+def place_attachments(text: str, files: dict, images) -> list:
+    """The parts of the last user message: `{ref}` in its text replaced by
+    that attachment (text inline, images and documents as parts); a `{name}`
+    that is no attachment stays literal text; attachments the text does not
+    mention, then inline images, come before the text."""
+    placed, parts = set(), []
+    pos = 0
+    for m in _PLACEHOLDER.finditer(text):
+        ref = m.group(1)
+        if ref not in files:
+            continue
+        parts.append(("text", text[pos:m.start()]))
+        parts.append(_part(files[ref]))
+        placed.add(ref)
+        pos = m.end()
+    parts.append(("text", text[pos:]))
+    before = [_part(f) for ref, f in files.items() if ref not in placed]
+    before += [("image", mime, b64) for mime, b64 in images]
+    out = []
+    for p in before + parts:  # merge neighbouring text; drop empty text
+        if p[0] == "text":
+            if not p[1]:
+                continue
+            if out and out[-1][0] == "text":
+                out[-1] = ("text", out[-1][1] + p[1])
+                continue
+        out.append(p)
+    return out or [("text", "")]
+
+
+def _part(f):
+    kind, mime, data, name = f
+    if kind == "text":
+        return ("text", data)
+    return ("image", mime, data) if kind == "image" else ("document", mime, data, name)
+
+
+def files_first(run, req, cfg):
+    """A backend generator that first reads the attachments (on a helper
+    thread), then runs `run`.  Every backend gets them this way, the mock
+    too: the files are deleted whichever backend serves the request."""
+    req.files = yield ("call", lambda: read_attachments(req, cfg), ATTACHMENT_READ_TIMEOUT, None)
+    return (yield from run(req, cfg))
+
+
+ATTACHMENT_READ_TIMEOUT = 30.0
 
 
 # ---- Direct HTTP front: the request parser and WebSocket framing ----
@@ -3691,6 +4127,12 @@ class Daemon(LoopBase):
         if req.backend is not None and req.backend not in self.allowed_backends():
             raise ProtocolError(400, "backend: %r is not configured here (configured: %s)"
                                 % (req.backend, ", ".join(self.allowed_backends())))
+        if req.profile is not None:
+            name = req.backend or self.cfg["backend.provider"]
+            profiles = self.cfg.get("backend.%s.profiles" % name) or {}
+            if req.profile not in profiles:
+                raise ProtocolError(400, "profile: %r is not a profile of backend %s (profiles: %s)"
+                                    % (req.profile[:64], name, ", ".join(sorted(profiles)) or "none"))
 
     def allowed_backends(self) -> list:
         return [self.cfg["backend.provider"]] + [b for b in self.cfg["backend.enabled"]
@@ -3725,7 +4167,9 @@ class Daemon(LoopBase):
         if limit:
             conn.t_life = self.timers.call_later(limit, Daemon.stream_expired, conn)
         try:
-            conn.gen = self.backend(conn.backend_name).run(conn.req, self.cfg)
+            run = self.backend(conn.backend_name).run
+            req = conn.req
+            conn.gen = files_first(run, req, self.cfg) if req.attachments or req.image_paths else run(req, self.cfg)
         except Exception as e:
             self.backend_failed(conn, e)
             return
@@ -3967,10 +4411,21 @@ class Daemon(LoopBase):
         if conn.state is State.STARTING:
             conn.send_head()
         result = result if isinstance(result, dict) else {}
-        if conn.req.include_usage and result.get("usage"):
+        req = conn.req
+        if result.get("empty"):
+            log(logging.WARNING, "stream ended with neither text nor tool calls", conn=conn.id,
+                backend=conn.backend_name, finish_reason=result.get("stop_reason") or result.get("finish_reason"))
+        # The final event: asked for with include_usage, and always when the
+        # turn ended to call tools (the client must run them and hand off again).
+        finish = result.get("finish_reason") or "stop"
+        if req.include_usage or finish == "tool_calls":
+            final = {"finish_reason": finish}
+            if result.get("stop_reason"):
+                final["stop_reason"] = result["stop_reason"]
+            if req.include_usage and result.get("usage"):
+                final["usage"] = result["usage"]
             conn.chunks += 1
-            conn.write(sse_event({"finish_reason": result.get("finish_reason") or "stop",
-                                  "usage": result["usage"]}))
+            conn.write(sse_event(final))
         if conn.state is State.STREAMING:
             if result.get("send_done", True):
                 conn.end_stream(SSE_DONE, "done")
@@ -3987,7 +4442,8 @@ class Daemon(LoopBase):
     def backend_failed(self, conn: Connection, exc: BaseException) -> None:
         """A backend's stream failed: a status before the head, an error event after."""
         conn.gen = None
-        conn.backend_error = True
+        # (A 4xx of ours, a bad attachment say, is the request's fault, not the backend's.)
+        conn.backend_error = not (isinstance(exc, BackendError) and exc.status < 500)
         if conn.state is State.STARTING and (isinstance(exc, (TimeoutError, OSError)) or (
                 isinstance(exc, BackendError) and exc.status in (502, 503, 504))):
             br = self.breaker(conn.backend_name)
@@ -4909,6 +5365,8 @@ def build_arg_parser():
     p.add_argument("--config", metavar="FILE", help="YAML config file (needs PyYAML)")
     p.add_argument("--version", action="version", version="streamd " + __version__)
     for o in OPTIONS:
+        if o.flag is None:
+            continue  # (config file only: a mapping)
         if o.parse is p_bool:
             p.add_argument(o.flag, dest=o.key, action="store_const", const="true",
                            default=argparse.SUPPRESS, help=o.help)

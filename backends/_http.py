@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 import select
@@ -431,10 +432,31 @@ def close_all() -> None:
     _targets.clear()
 
 
-def target(cfg: dict, name: str) -> Target:
-    """The Target for backend `name` under this config (cached: it holds the pool)."""
-    base = cfg["backend.%s.api_base" % name]
-    sock = cfg.get("backend.%s.api_socket" % name, "")
+def setting(cfg: dict, name: str, profile, key: str):
+    """backend.<name>.<key>, or the profile's own value when the request
+    chose a profile that sets it (profiles inherit what they do not set)."""
+    if profile:
+        prof = (cfg.get("backend.%s.profiles" % name) or {}).get(profile) or {}
+        if key in prof:
+            return prof[key]
+    return cfg.get("backend.%s.%s" % (name, key), "")
+
+
+def api_key(cfg: dict, name: str, profile=None) -> str:
+    """The API key: a profile's api_key, or the variable its api_key_env
+    names, else the backend's own."""
+    if profile:
+        prof = (cfg.get("backend.%s.profiles" % name) or {}).get(profile) or {}
+        if "api_key_env" in prof:
+            return os.environ.get(prof["api_key_env"], "")
+    return setting(cfg, name, profile, "api_key")
+
+
+def target(cfg: dict, name: str, profile=None) -> Target:
+    """The Target for backend `name` (or one of its profiles) under this
+    config (cached: it holds the pool)."""
+    base = setting(cfg, name, profile, "api_base")
+    sock = setting(cfg, name, profile, "api_socket")
     insecure = cfg["upstream.insecure_ssl"]
     key = (base, sock, insecure)
     t = _targets.get(key)

@@ -1,44 +1,114 @@
 """anthropic: the Anthropic Messages API.
 
-POST {api_base}/v1/messages with "stream": true.  Text arrives in
-content_block_delta events of type text_delta; message_stop ends the stream;
-an `error` event (e.g. overloaded_error) fails it.
+Sends   POST {api_base}/v1/messages with "stream": true: system messages as the
+        top-level `system`, tool results as `tool_result` blocks in a user
+        message, an assistant's tool calls as `tool_use` blocks, attachments as
+        `image` / `document` blocks (base64), tools as {name, description,
+        input_schema}, tool_choice as {type: auto|any|none|tool}; with
+        include_reasoning, extended thinking (backend.anthropic.thinking_budget).
+Reads   message_start (usage), content_block_start/delta/stop (text_delta,
+        thinking_delta, input_json_delta of a tool_use block; signature_delta,
+        redacted_thinking and server-tool blocks carry no text for us),
+        message_delta (stop_reason; usage, cumulative: the last one wins for
+        every field it carries), ping (ignored); `event: error` fails it.
+Complete when message_stop arrived.
 """
+import json
 
 from streamd import BackendError
 from backends import _http
+from backends._turn import Turn
 
 NAME = "anthropic"
 close = _http.close_all  # the daemon calls close() at exit: pooled connections
+STOP = {"end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop", "max_tokens": "length",
+        "model_context_window_exceeded": "length", "tool_use": "tool_calls", "refusal": "content_filter"}
+USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+
+
+def blocks(m, where: str) -> list:
+    """A streamd Message as Anthropic content blocks."""
+    out = []
+    for p in m.parts:
+        if p[0] == "text":
+            if p[1]:  # (the API refuses empty text blocks)
+                out.append({"type": "text", "text": p[1]})
+        else:
+            out.append({"type": "image" if p[0] == "image" else "document",
+                        "source": {"type": "base64", "media_type": p[1], "data": p[2]}})
+    for call_id, name, arguments, _ in m.tool_calls:
+        out.append({"type": "tool_use", "id": call_id, "name": name, "input": arguments_object(arguments, where)})
+    return out
+
+
+def arguments_object(arguments: str, where: str) -> dict:
+    try:
+        value = json.loads(arguments or "{}")
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise BackendError("%s: a tool call's arguments must be a JSON object for anthropic" % where,
+                           status=400, kind="invalid_request", reason="bad_request")
+    return value
 
 
 def request_body(req, cfg):
-    system = [text for role, text in req.conversation() if role == "system"]
+    conv = req.conversation()
+    system = [m.text() for m in conv if m.role == "system"]
     if req.system:
         system.insert(0, req.system)
-    messages = [{"role": "assistant" if role == "assistant" else "user", "content": text}
-                for role, text in req.conversation() if role != "system"]
-    body = {"model": req.model or cfg["backend.anthropic.default_model"],
-            "max_tokens": req.max_tokens or cfg["backend.anthropic.max_tokens"],
-            "messages": messages, "stream": True}
+    messages = []
+    for i, m in enumerate(conv):
+        if m.role == "system":
+            continue
+        where = "messages[%d]" % i
+        if m.role == "tool":
+            role, content = "user", [{"type": "tool_result", "tool_use_id": m.tool_call_id, "content": m.text()}]
+        else:
+            role, content = ("assistant" if m.role == "assistant" else "user"), blocks(m, where)
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] += content  # one turn per role in a row (tool results, then text)
+        else:
+            messages.append({"role": role, "content": content})
+    for msg in messages:  # a turn of one text block is sent as a plain string
+        c = msg["content"]
+        if len(c) == 1 and c[0]["type"] == "text":
+            msg["content"] = c[0]["text"]
+    max_tokens = req.max_tokens or cfg["backend.anthropic.max_tokens"]
+    body = {"model": req.model or _http.setting(cfg, NAME, req.profile, "default_model"),
+            "max_tokens": max_tokens, "messages": messages, "stream": True}
     if system:
         body["system"] = "\n\n".join(system)
     for field in ("temperature", "top_p"):
         if getattr(req, field) is not None:
             body[field] = getattr(req, field)
+    budget = cfg["backend.anthropic.thinking_budget"]
+    if req.include_reasoning and budget:
+        body["thinking"] = {"type": "enabled", "budget_tokens": budget}
+        if max_tokens <= budget:  # the API wants room for the answer beyond the thinking
+            body["max_tokens"] = budget + max_tokens
+    if req.tools:
+        body["tools"] = [{"name": t["function"]["name"], "description": t["function"].get("description", ""),
+                          "input_schema": t["function"].get("parameters") or {"type": "object", "properties": {}}}
+                         for t in req.tools]
+        choice = req.tool_choice
+        if choice is not None:
+            body["tool_choice"] = {"auto": {"type": "auto"}, "none": {"type": "none"},
+                                   "required": {"type": "any"}}.get(choice) if isinstance(choice, str) else \
+                {"type": "tool", "name": choice["function"]["name"]}
     return body
 
 
 def run(req, cfg):
-    target = _http.target(cfg, NAME)
-    key = cfg["backend.anthropic.api_key"]
+    target = _http.target(cfg, NAME, req.profile)
+    key = _http.api_key(cfg, NAME, req.profile)
     headers = _http.headers(req, "x-api-key", key)
     headers["anthropic-version"] = cfg["backend.anthropic.version"]
     stream = yield from _http.open_stream(target, cfg, "POST", target.path + "/v1/messages", headers,
                                           request_body(req, cfg), secrets=(key,))
     try:
         yield ("head",)
-        stopped, finish, usage = False, None, {"prompt_tokens": 0, "completion_tokens": 0}
+        turn, usage, tools, stopped = Turn(req), {}, set(), False
         while True:
             events = yield from _http.json_events(stream)
             if events is None:
@@ -47,27 +117,59 @@ def run(req, cfg):
                 if not isinstance(data, dict):
                     continue
                 kind = name if name != "message" else data.get("type")
-                if kind == "content_block_delta":
-                    delta = _http.obj(data.get("delta"))
-                    if delta.get("type") == "text_delta" and _http.text(delta.get("text")):
-                        yield ("event", {"content": delta["text"]})
-                elif kind == "message_start":
-                    u = _http.obj(_http.obj(data.get("message")).get("usage"))
-                    usage["prompt_tokens"] = _http.count(u.get("input_tokens"))
-                    usage["completion_tokens"] = _http.count(u.get("output_tokens"))
-                elif kind == "message_delta":
-                    finish = _http.text(_http.obj(data.get("delta")).get("stop_reason")) or finish
-                    out = _http.obj(data.get("usage")).get("output_tokens")
-                    if out is not None:
-                        usage["completion_tokens"] = _http.count(out)  # cumulative, not an increment
-                elif kind == "message_stop":
-                    stopped = True
-                elif kind == "error":
+                if kind == "error":
                     raise _http.upstream_error("upstream sent an error event", data, (key,))
-                # ping, content_block_start/stop and unknown types are ignored
+                if kind == "message_stop":
+                    stopped = True
+                for ev in read_event(turn, kind, data, usage, tools):
+                    yield ("event", ev)
         if not stopped:
             raise BackendError("upstream stream ended without message_stop")
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        return {"finish_reason": finish or "end_turn", "usage": usage}
+        if usage:
+            read_usage(turn, usage)
+        return turn.result()
     finally:
         stream.close()
+
+
+def read_event(turn, kind, data, usage, tools) -> list:
+    """One event's effect on the turn; `usage` holds the latest value of each
+    usage field, `tools` the indexes of the tool_use blocks still open."""
+    index = data.get("index")
+    if kind == "content_block_delta":
+        delta = _http.obj(data.get("delta"))
+        dtype = delta.get("type")
+        if dtype == "text_delta":
+            return turn.text(delta.get("text"))
+        if dtype == "thinking_delta":
+            return turn.reasoning(delta.get("thinking"))
+        if dtype == "input_json_delta" and index in tools:
+            turn.call_piece(index, arguments=delta.get("partial_json"))
+        return []  # signature_delta, citations_delta, a server tool's input
+    if kind == "content_block_start":
+        block = _http.obj(data.get("content_block"))
+        if block.get("type") == "tool_use" and isinstance(index, int):  # (server_tool_use is Anthropic's own)
+            tools.add(index)
+            turn.call_piece(index, block.get("id"), block.get("name"))
+        elif block.get("type") == "text":
+            return turn.text(block.get("text"))
+        return []
+    if kind == "content_block_stop" and index in tools:
+        tools.discard(index)
+        return turn.call_done(index)
+    if kind == "message_start":
+        u = _http.obj(_http.obj(data.get("message")).get("usage"))
+        usage.update((f, _http.count(u[f])) for f in USAGE_FIELDS if f in u)
+    elif kind == "message_delta":
+        raw = _http.text(_http.obj(data.get("delta")).get("stop_reason"))
+        if raw:
+            turn.finished(raw, STOP.get(raw, "stop"))
+        u = _http.obj(data.get("usage"))  # cumulative: each field it carries replaces the earlier one
+        usage.update((f, _http.count(u[f])) for f in USAGE_FIELDS if f in u)
+    return []  # ping, and types added after this was written
+
+
+def read_usage(turn, usage: dict) -> None:
+    cache_read, cache_creation = usage.get("cache_read_input_tokens"), usage.get("cache_creation_input_tokens")
+    prompt = usage.get("input_tokens", 0) + (cache_read or 0) + (cache_creation or 0)
+    turn.set_usage(prompt, usage.get("output_tokens", 0), cache_read=cache_read, cache_creation=cache_creation)

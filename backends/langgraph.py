@@ -1,29 +1,89 @@
-"""langgraph: a LangGraph Platform (Agent Server) deployment.
+"""langgraph: a LangGraph Platform (Agent Server) deployment, or `langgraph dev`.
 
-POST {api_base}/runs/stream, or with a thread_id POST /threads/{id}/runs/stream
-after making sure the thread exists.  Output is either the uniform content
-events (the text of AIMessageChunks from `messages` events; `event: end`
-completes) or, with backend.langgraph.output: raw, the upstream SSE verbatim.
+Sends   POST {api_base}/runs/stream, or with a thread_id POST
+        /threads/{id}/runs/stream after making sure the thread exists:
+        {assistant_id, input: {messages, ...langgraph_input}, stream_mode,
+        on_disconnect: cancel}.  Messages go in LangChain's dict form (human,
+        ai with tool_calls, tool with tool_call_id, system); attachments as
+        content blocks (content_format: OpenAI-style image_url parts, or
+        Anthropic-style image and document blocks).  The graph has its own
+        tools: a handoff's `tools` is refused.
+Reads   with output "uniform": the text of AI message chunks from `messages`
+        events (stream_mode messages-tuple: [chunk, metadata], chunk a delta)
+        or `messages/partial` (stream_mode messages: the text so far), and
+        their tool_call_chunks; other events (metadata, values, updates, ...)
+        carry no text for us.  With output "raw": the upstream's SSE bytes
+        verbatim.  An `error` event fails the stream in both.
+Complete when the run's stream closes cleanly (its chunked framing ends)
+        without an `error` event.  LangGraph sends no end marker (an `end`
+        event, which older deployments send, is accepted as the same).
 """
+import json
 from urllib.parse import quote
 
 from streamd import BackendError
 from backends import _http
+from backends._turn import Turn
 
 NAME = "langgraph"
 close = _http.close_all  # the daemon calls close() at exit: pooled connections
-_TYPES = {"user": "human", "assistant": "ai", "system": "system"}
+_TYPES = {"user": "human", "assistant": "ai", "system": "system", "tool": "tool"}
+
+
+def bad_request(message: str) -> BackendError:
+    return BackendError(message, status=400, kind="invalid_request", reason="bad_request")
+
+
+def message(m, content_format: str) -> dict:
+    """A streamd Message as a LangChain message dict."""
+    if m.only_text():
+        content = m.text()
+    else:
+        content = [block(p, content_format) for p in m.parts]
+    out = {"type": _TYPES.get(m.role, m.role), "content": content}
+    if m.tool_calls:
+        out["tool_calls"] = [{"id": i, "name": n, "args": arguments_object(a), "type": "tool_call"}
+                             for i, n, a, _ in m.tool_calls]
+    if m.role == "tool":
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def block(p, content_format: str) -> dict:
+    if p[0] == "text":
+        return {"type": "text", "text": p[1]}
+    if content_format == "anthropic":
+        return {"type": "image" if p[0] == "image" else "document",
+                "source": {"type": "base64", "media_type": p[1], "data": p[2]}}
+    if p[0] == "image":
+        return {"type": "image_url", "image_url": {"url": "data:%s;base64,%s" % (p[1], p[2])}}
+    raise bad_request("langgraph: a %s attachment needs content_format anthropic "
+                      "(OpenAI-style content has no document part)" % p[1])
+
+
+def arguments_object(arguments: str) -> dict:
+    try:
+        value = json.loads(arguments or "{}")
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise bad_request("a tool call's arguments must be a JSON object for langgraph")
+    return value
 
 
 def request_body(req, cfg, stateful):
-    messages = [{"type": _TYPES.get(role, role), "content": text} for role, text in req.conversation()]
-    if req.system and not any(m["type"] == "system" for m in messages):
+    if req.tools:
+        raise bad_request("langgraph: the graph defines its own tools; a handoff's 'tools' cannot be sent to it")
+    fmt = _http.setting(cfg, NAME, req.profile, "content_format")
+    conv = req.conversation()
+    messages = [message(m, fmt) for m in conv]
+    if req.system and not any(m.role == "system" for m in conv):
         messages.insert(0, {"type": "system", "content": req.system})
     inp = {"messages": messages}
     for k in sorted(req.langgraph_input or {}):
         inp[k] = req.langgraph_input[k]
-    body = {"assistant_id": req.assistant_id or cfg["backend.langgraph.assistant_id"], "input": inp,
-            "stream_mode": req.stream_mode or cfg["backend.langgraph.stream_mode"],
+    body = {"assistant_id": req.assistant_id or _http.setting(cfg, NAME, req.profile, "assistant_id"),
+            "input": inp, "stream_mode": req.stream_mode or _http.setting(cfg, NAME, req.profile, "stream_mode"),
             "stream_subgraphs": False, "on_disconnect": "cancel"}
     if not stateful:
         body["on_completion"] = "delete"
@@ -60,21 +120,21 @@ def ensure_thread(target, cfg, headers, thread_id, key):
 
 
 def run(req, cfg):
-    target = _http.target(cfg, NAME)
-    key = cfg["backend.langgraph.api_key"]
+    target = _http.target(cfg, NAME, req.profile)
+    key = _http.api_key(cfg, NAME, req.profile)
     headers = _http.headers(req, "X-Api-Key", key)
+    body = request_body(req, cfg, bool(req.thread_id))
     if req.thread_id:
         yield from ensure_thread(target, cfg, headers, req.thread_id, key)
         path = "%s/threads/%s/runs/stream" % (target.path, quote(req.thread_id, safe=""))
     else:
         path = target.path + "/runs/stream"
-    stream = yield from _http.open_stream(target, cfg, "POST", path, headers,
-                                          request_body(req, cfg, bool(req.thread_id)), secrets=(key,))
-    raw = cfg["backend.langgraph.output"] == "raw"
+    stream = yield from _http.open_stream(target, cfg, "POST", path, headers, body, secrets=(key,))
+    raw = _http.setting(cfg, NAME, req.profile, "output") == "raw"
     try:
         yield ("head",)
-        ended = False
-        seen = {}  # message id -> text so far, for the accumulating messages/partial mode
+        turn = Turn(req)
+        reader = Reader(turn)
         timeout = cfg["upstream.idle_timeout"]
         while True:
             if raw:
@@ -88,34 +148,61 @@ def run(req, cfg):
                     except _http.UpstreamProtocolError as e:
                         raise BackendError("upstream broke SSE framing: %s" % e) from None
             else:
-                events = yield from stream.next_events()
+                data = events = yield from stream.next_events()
             for ev in events or ():
-                name = ev.event.split("|", 1)[0]
-                if name == "end":
-                    ended = True
-                elif name == "error":
+                name = ev.event.split("|", 1)[0]  # (subgraph events: "messages|<namespace>")
+                if name == "error":
                     raise _http.upstream_error("upstream sent an error event", ev.data, (key,))
-                elif not raw and name in ("messages", "messages/partial"):
-                    try:
-                        payload = _http.parse_json(ev.data)
-                    except ValueError:
-                        raise BackendError("upstream sent an event that is not JSON") from None
-                    if name == "messages":  # messages-tuple: [chunk, metadata], chunk is a delta
-                        chunk = payload[0] if isinstance(payload, list) and payload else payload
-                        text = chunk_text(chunk)
-                    else:  # messages mode: a list of messages, each the whole text so far
-                        text = ""
-                        for msg in payload if isinstance(payload, list) else ():
-                            full = chunk_text(msg)
-                            mid = _http.text(_http.obj(msg).get("id"))
-                            text += full[len(seen.get(mid, "")):] if full.startswith(seen.get(mid, "")) else full
-                            seen[mid] = full
-                    if text:
-                        yield ("event", {"content": text})
-            if (raw and data is None) or (not raw and events is None):
+                if not raw:
+                    for out in reader.event(name, ev.data):
+                        yield ("event", out)
+            if data is None:
                 break
-        if not ended:  # in raw mode too: the error event follows the upstream's bytes
-            raise BackendError("upstream stream ended without event: end")
-        return {"finish_reason": "stop", "send_done": not raw}
+        # The body's framing ended cleanly (read_body raises if the upstream
+        # cut it) and no error event came: the run is complete.
+        for out in turn.open_calls_done():
+            yield ("event", out)
+        return turn.result(send_done=not raw)
     finally:
         stream.close()
+
+
+class Reader:
+    """The uniform output of a run's events."""
+
+    def __init__(self, turn):
+        self.turn = turn
+        self.seen = {}      # message id -> text so far (messages mode sends the whole text each time)
+        self.message = None  # the id of the AI message whose tool calls are being assembled
+
+    def event(self, name, data) -> list:
+        if name not in ("messages", "messages/partial"):
+            return []  # metadata, values, updates, messages/complete, ...
+        try:
+            payload = _http.parse_json(data)
+        except ValueError:
+            raise BackendError("upstream sent an event that is not JSON") from None
+        turn, out = self.turn, []
+        if name == "messages":  # messages-tuple: [chunk, metadata], the chunk a delta
+            chunk = payload[0] if isinstance(payload, list) and payload else payload
+            out += self.new_message(chunk)
+            out += turn.text(chunk_text(chunk))
+            for tc in _http.arr(_http.obj(chunk).get("tool_call_chunks")):
+                tc = _http.obj(tc)
+                index = tc.get("index")
+                turn.call_piece(index if type(index) is int else 0, tc.get("id"), tc.get("name"), tc.get("args"))
+            return out
+        for msg in _http.arr(payload):  # messages mode: each message with its whole text so far
+            full, mid = chunk_text(msg), _http.text(_http.obj(msg).get("id"))
+            before = self.seen.get(mid, "")
+            out += turn.text(full[len(before):] if full.startswith(before) else full)
+            self.seen[mid] = full
+        return out
+
+    def new_message(self, chunk) -> list:
+        """A chunk of another AI message: the calls of the one before are complete."""
+        mid = _http.text(_http.obj(chunk).get("id"))
+        if not mid or mid == self.message:
+            return []
+        self.message = mid
+        return self.turn.open_calls_done()

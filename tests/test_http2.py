@@ -40,6 +40,8 @@ def test_h2c_streams(daemon, h2up, name, pattern, expected, fdcheck):
 @pytest.mark.parametrize("name", PROVIDERS)
 @pytest.mark.parametrize("pattern", ["abort:3", "cut:3", "error"])
 def test_h2c_incomplete_stream_is_an_error(daemon, h2up, name, pattern):
+    if name == "langgraph" and pattern.startswith("cut"):
+        pytest.skip("LangGraph has no end marker: a clean close is complete")
     up = h2up()
     ip = daemon(**h2c(name, up))
     c = stream(ip, {"test_pattern": pattern})

@@ -9,7 +9,8 @@ chunked SSE by default.  The X-Test-Pattern request header picks a scenario:
   short         the whole body in 1-byte HTTP chunks (splits lines and UTF-8)
   long          3 events of 4096 ASCII characters
   abort:N       N content events, then the connection is cut (no framing end)
-  cut:N         N content events, clean framing end, but no end marker
+  cut:N         N content events, clean framing end, but no end marker (for LangGraph, which
+                has none, that is a complete stream)
   finish:R      finish reason R
   status:C      HTTP status C with the provider's JSON error body (+ retry-after: 7)
   fail:N:C[:RA[:SR]]  the first N such requests get status C (retry-after RA, x-should-retry SR),
@@ -148,7 +149,7 @@ class LangGraph(Format):
         # a tool message in between: must not reach the client as text
         return self.ev([{"content": "TOOL OUTPUT", "type": "tool", "id": "t1"}, {}], "messages")
 
-    def end(self): return self.ev(b"null", "end")
+    def end(self): return b""  # a real LangGraph server sends no end marker: the stream just closes
 
     def error(self): return self.ev({"error": "ValueError", "message": "boom"}, "error")
 

@@ -1,0 +1,124 @@
+"""One assistant turn, as every LLM backend reports it to the client.
+
+A backend parses its provider's stream and tells a Turn what arrived: text,
+reasoning, pieces of tool calls, the provider's finish reason, usage.  The
+Turn returns the client events to send (a backend yields each as ("event", e))
+and, at the end, the backend's return value: so the client sees one protocol
+whichever provider answered.
+
+    content        {"content": "..."}
+    reasoning      {"reasoning": "..."}            only when the handoff asked include_reasoning
+    a tool call    {"tool_call": {"id", "name", "arguments": "<complete JSON text>"}}
+                   one per call, when it is complete, in the provider's order (with
+                   "extra_content": {"google": {"thought_signature"}} when Gemini sent one)
+    the end        {"finish_reason", ["stop_reason"], ["usage"]}  (sent by the daemon, from
+                   result(): with include_usage, or when the turn ended to call tools)
+
+finish_reason uses OpenAI's words (stop, length, tool_calls, content_filter);
+the provider's own, when it differs, is kept as stop_reason.  usage has one
+meaning for every provider, OpenAI's: prompt_tokens counts every input token
+(cached ones too), completion_tokens every output token (reasoning too),
+total_tokens their sum; reasoning_tokens, cache_read_input_tokens and
+cache_creation_input_tokens when the provider reports them.
+"""
+
+FINISH = ("stop", "length", "tool_calls", "content_filter")
+
+
+class Turn:
+    __slots__ = ("reasoning_on", "calls", "emitted", "texts", "finish", "raw_finish", "usage")
+
+    def __init__(self, req):
+        self.reasoning_on = bool(req.include_reasoning)
+        self.calls = {}       # key (an index, a block number) -> [id, name, [argument pieces]]
+        self.emitted = 0      # tool calls sent
+        self.texts = 0        # content events sent
+        self.finish = None    # normalised finish reason
+        self.raw_finish = None
+        self.usage = None
+
+    # -- what arrived --
+
+    def text(self, text) -> list:
+        if not isinstance(text, str) or not text:
+            return []
+        self.texts += 1
+        return [{"content": text}]
+
+    def reasoning(self, text) -> list:
+        if not self.reasoning_on or not isinstance(text, str) or not text:
+            return []
+        return [{"reasoning": text}]
+
+    def call_piece(self, key, call_id=None, name=None, arguments=None, signature=None) -> None:
+        """A piece of the tool call `key`: its id, name, a piece of its
+        arguments' JSON text or its thought signature (Gemini), whichever the
+        provider sent this time."""
+        call = self.calls.get(key)
+        if call is None:
+            call = self.calls[key] = ["", "", [], ""]
+        if isinstance(call_id, str) and call_id:
+            call[0] = call_id
+        if isinstance(name, str) and name and not call[1]:
+            call[1] = name  # (sent once, in the call's first piece; some servers repeat it)
+        if isinstance(arguments, str) and arguments:
+            call[2].append(arguments)
+        if isinstance(signature, str) and signature:
+            call[3] = signature
+
+    def call_done(self, key) -> list:
+        """Tool call `key` is complete: its event (none if it never got a name)."""
+        call = self.calls.pop(key, None)
+        if call is None or not call[1]:
+            return []
+        return [self._call_event(call[0], call[1], "".join(call[2]) or "{}", call[3])]
+
+    def whole_call(self, call_id, name, arguments: str, signature=None) -> list:
+        """A tool call that arrived whole (Gemini)."""
+        if not isinstance(name, str) or not name:
+            return []
+        return [self._call_event(call_id if isinstance(call_id, str) and call_id else "", name, arguments,
+                                 signature if isinstance(signature, str) else "")]
+
+    def open_calls_done(self) -> list:
+        """Every call still being assembled is complete (OpenAI: at the finish), in key order."""
+        out = []
+        for key in sorted(self.calls, key=lambda k: (not isinstance(k, int), k if isinstance(k, int) else str(k))):
+            out += self.call_done(key)
+        return out
+
+    def _call_event(self, call_id, name, arguments, signature) -> dict:
+        if not call_id:
+            call_id = "call_%d" % self.emitted
+        self.emitted += 1
+        call = {"id": call_id, "name": name, "arguments": arguments}
+        if signature:
+            # Gemini's thought signature, where Google's OpenAI-compatible API
+            # puts it: the client hands it back with the call in its next turn.
+            call["extra_content"] = {"google": {"thought_signature": signature}}
+        return {"tool_call": call}
+
+    def finished(self, raw, normalised) -> None:
+        if isinstance(raw, str) and raw:
+            self.raw_finish, self.finish = raw, normalised
+
+    def set_usage(self, prompt, completion, total=None, reasoning=None, cache_read=None, cache_creation=None):
+        u = {"prompt_tokens": prompt, "completion_tokens": completion,
+             "total_tokens": total if total is not None else prompt + completion}
+        for name, v in (("reasoning_tokens", reasoning), ("cache_read_input_tokens", cache_read),
+                        ("cache_creation_input_tokens", cache_creation)):
+            if v is not None:
+                u[name] = v
+        self.usage = u
+
+    # -- the end --
+
+    def result(self, **extra) -> dict:
+        """The backend's return value: the daemon sends the final event from it."""
+        finish = "tool_calls" if self.emitted else (self.finish or "stop")
+        out = {"finish_reason": finish, "usage": self.usage, "tool_calls": self.emitted,
+               "empty": not self.texts and not self.emitted}
+        if self.raw_finish and self.raw_finish != finish:
+            out["stop_reason"] = self.raw_finish
+        out.update(extra)
+        return out
