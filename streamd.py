@@ -809,21 +809,15 @@ class Request:
         return ""
 
 
-def _signature(call: dict) -> str:
-    """A tool call's Gemini thought signature, where Google's OpenAI-compatible
-    API puts it: extra_content.google.thought_signature (Gemini 3 refuses a
-    function call sent back without it)."""
-    google = (call.get("extra_content") or {}).get("google") if isinstance(call.get("extra_content"), dict) else None
-    sig = google.get("thought_signature") if isinstance(google, dict) else None
-    return sig if isinstance(sig, str) else ""
-
-
 class Message:
     """One message, in the neutral form every backend translates from:
     role ("system", "user", "assistant", "tool" or another the client named),
     parts [("text", str) | ("image", mime, base64) | ("document", mime, base64, name)],
-    tool_calls [(id, name, arguments JSON text, thought signature or "")]
-    (assistant), tool_call_id (tool)."""
+    tool_calls [(id, name, arguments JSON text, extra_content)] (assistant),
+    tool_call_id (tool).  extra_content is what a provider needs back with
+    the call, as streamd's tool_call event gave it to the client: Gemini's
+    {"google": {"thought_signature"}}, Anthropic's {"anthropic":
+    {"thinking_blocks"}} (the turn's signed thinking)."""
 
     __slots__ = ("role", "parts", "tool_calls", "tool_call_id")
 
@@ -839,7 +833,7 @@ class Message:
             parts = [("text", content)]
         else:
             parts = [("text", p["text"]) for p in content]
-        calls = [(c["id"], c["function"]["name"], c["function"].get("arguments") or "{}", _signature(c))
+        calls = [(c["id"], c["function"]["name"], c["function"].get("arguments") or "{}", c.get("extra_content") or {})
                  for c in m.get("tool_calls") or ()]
         return cls(m["role"], parts, calls, m.get("tool_call_id"))
 
@@ -985,7 +979,7 @@ def _parse_messages(value) -> list:
 
 
 MAX_TOOLS = 128  # tools offered, and tool calls in one message
-_TOOL_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # (what OpenAI, Anthropic and Gemini all accept)
 
 
 def _parse_tool_calls(calls, where: str) -> None:
@@ -999,11 +993,11 @@ def _parse_tool_calls(calls, where: str) -> None:
         if not _check_name(c.get("id")):
             raise _bad(at + ".id", _NAME, c.get("id"))
         if not (isinstance(fn.get("name"), str) and _TOOL_NAME.fullmatch(fn["name"])):
-            raise _bad(at + ".function.name", "a tool name (letters, digits, _.:-; 1 to 128)", fn.get("name"))
+            raise _bad(at + ".function.name", "a tool name (letters, digits, _ and -; 1 to 64)", fn.get("name"))
         if not isinstance(fn.get("arguments", ""), str):
             raise _bad(at + ".function.arguments", "the arguments as a JSON text (a string)", fn.get("arguments"))
-        if len(_signature(c)) > 1 << 16:
-            raise ProtocolError(400, "%s.extra_content.google.thought_signature: longer than 64 KiB" % at)
+        if not isinstance(c.get("extra_content", {}), dict):
+            raise _bad(at + ".extra_content", "an object, as streamd's tool_call event gave it", c["extra_content"])
 
 
 def _parse_tools(value) -> list:
@@ -1017,7 +1011,7 @@ def _parse_tools(value) -> list:
         if not isinstance(fn, dict) or t.get("type", "function") != "function":
             raise _bad(where, '{"type": "function", "function": {"name": ..., "parameters": {...}}}', t)
         if not (isinstance(fn.get("name"), str) and _TOOL_NAME.fullmatch(fn["name"])):
-            raise _bad(where + ".function.name", "a tool name (letters, digits, _.:-; 1 to 128)", fn.get("name"))
+            raise _bad(where + ".function.name", "a tool name (letters, digits, _ and -; 1 to 64)", fn.get("name"))
         if not isinstance(fn.get("description", ""), str):
             raise _bad(where + ".function.description", "a string", fn.get("description"))
         if not isinstance(fn.get("parameters", {}), dict):

@@ -10,7 +10,8 @@ whichever provider answered.
     reasoning      {"reasoning": "..."}            only when the handoff asked include_reasoning
     a tool call    {"tool_call": {"id", "name", "arguments": "<complete JSON text>"}}
                    one per call, when it is complete, in the provider's order (with
-                   "extra_content": {"google": {"thought_signature"}} when Gemini sent one)
+                   "extra_content" when the provider needs something back with it:
+                   Gemini's thought signature, Anthropic's signed thinking)
     the end        {"finish_reason", ["stop_reason"], ["usage"]}  (sent by the daemon, from
                    result(): with include_usage, or when the turn ended to call tools)
 
@@ -50,21 +51,21 @@ class Turn:
             return []
         return [{"reasoning": text}]
 
-    def call_piece(self, key, call_id=None, name=None, arguments=None, signature=None) -> None:
+    def call_piece(self, key, call_id=None, name=None, arguments=None, extra=None) -> None:
         """A piece of the tool call `key`: its id, name, a piece of its
-        arguments' JSON text or its thought signature (Gemini), whichever the
-        provider sent this time."""
+        arguments' JSON text, or what the provider needs back with it
+        (extra_content), whichever the provider sent this time."""
         call = self.calls.get(key)
         if call is None:
-            call = self.calls[key] = ["", "", [], ""]
+            call = self.calls[key] = ["", "", [], None]
         if isinstance(call_id, str) and call_id:
             call[0] = call_id
         if isinstance(name, str) and name and not call[1]:
             call[1] = name  # (sent once, in the call's first piece; some servers repeat it)
         if isinstance(arguments, str) and arguments:
             call[2].append(arguments)
-        if isinstance(signature, str) and signature:
-            call[3] = signature
+        if extra:
+            call[3] = extra
 
     def call_done(self, key) -> list:
         """Tool call `key` is complete: its event (none if it never got a name)."""
@@ -73,12 +74,11 @@ class Turn:
             return []
         return [self._call_event(call[0], call[1], "".join(call[2]) or "{}", call[3])]
 
-    def whole_call(self, call_id, name, arguments: str, signature=None) -> list:
+    def whole_call(self, call_id, name, arguments: str, extra=None) -> list:
         """A tool call that arrived whole (Gemini)."""
         if not isinstance(name, str) or not name:
             return []
-        return [self._call_event(call_id if isinstance(call_id, str) and call_id else "", name, arguments,
-                                 signature if isinstance(signature, str) else "")]
+        return [self._call_event(call_id if isinstance(call_id, str) and call_id else "", name, arguments, extra)]
 
     def open_calls_done(self) -> list:
         """Every call still being assembled is complete (OpenAI: at the finish), in key order."""
@@ -87,15 +87,17 @@ class Turn:
             out += self.call_done(key)
         return out
 
-    def _call_event(self, call_id, name, arguments, signature) -> dict:
+    def _call_event(self, call_id, name, arguments, extra) -> dict:
         if not call_id:
             call_id = "call_%d" % self.emitted
         self.emitted += 1
         call = {"id": call_id, "name": name, "arguments": arguments}
-        if signature:
-            # Gemini's thought signature, where Google's OpenAI-compatible API
-            # puts it: the client hands it back with the call in its next turn.
-            call["extra_content"] = {"google": {"thought_signature": signature}}
+        if extra:
+            # What the provider needs back with the call (Gemini's thought
+            # signature, Anthropic's signed thinking), where Google's
+            # OpenAI-compatible API puts such things: the client hands it
+            # back with the call in its next turn, as it got it.
+            call["extra_content"] = extra
         return {"tool_call": call}
 
     def finished(self, raw, normalised) -> None:

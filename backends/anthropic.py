@@ -36,9 +36,20 @@ def blocks(m, where: str) -> list:
         else:
             out.append({"type": "image" if p[0] == "image" else "document",
                         "source": {"type": "base64", "media_type": p[1], "data": p[2]}})
-    for call_id, name, arguments, _ in m.tool_calls:
+    for i, (call_id, name, arguments, extra) in enumerate(m.tool_calls):
+        if i == 0:  # the signed thinking that led to these calls goes back first
+            out[:0] = thinking_blocks(extra, where)
         out.append({"type": "tool_use", "id": call_id, "name": name, "input": arguments_object(arguments, where)})
     return out
+
+
+def thinking_blocks(extra, where: str) -> list:
+    blocks = _http.arr(_http.obj(_http.obj(extra).get("anthropic")).get("thinking_blocks"))
+    for b in blocks:
+        if not (isinstance(b, dict) and b.get("type") in ("thinking", "redacted_thinking")):
+            raise BackendError("%s: extra_content.anthropic.thinking_blocks holds something that is no thinking "
+                               "block" % where, status=400, kind="invalid_request", reason="bad_request")
+    return blocks
 
 
 def arguments_object(arguments: str, where: str) -> dict:
@@ -108,7 +119,7 @@ def run(req, cfg):
                                           request_body(req, cfg), secrets=(key,))
     try:
         yield ("head",)
-        turn, usage, tools, stopped = Turn(req), {}, set(), False
+        reader, stopped = Reader(Turn(req)), False
         while True:
             events = yield from _http.json_events(stream)
             if events is None:
@@ -121,55 +132,76 @@ def run(req, cfg):
                     raise _http.upstream_error("upstream sent an error event", data, (key,))
                 if kind == "message_stop":
                     stopped = True
-                for ev in read_event(turn, kind, data, usage, tools):
+                for ev in reader.event(kind, data):
                     yield ("event", ev)
         if not stopped:
             raise BackendError("upstream stream ended without message_stop")
-        if usage:
-            read_usage(turn, usage)
-        return turn.result()
+        return reader.result()
     finally:
         stream.close()
 
 
-def read_event(turn, kind, data, usage, tools) -> list:
-    """One event's effect on the turn; `usage` holds the latest value of each
-    usage field, `tools` the indexes of the tool_use blocks still open."""
-    index = data.get("index")
-    if kind == "content_block_delta":
-        delta = _http.obj(data.get("delta"))
-        dtype = delta.get("type")
-        if dtype == "text_delta":
-            return turn.text(delta.get("text"))
-        if dtype == "thinking_delta":
-            return turn.reasoning(delta.get("thinking"))
-        if dtype == "input_json_delta" and index in tools:
-            turn.call_piece(index, arguments=delta.get("partial_json"))
-        return []  # signature_delta, citations_delta, a server tool's input
-    if kind == "content_block_start":
-        block = _http.obj(data.get("content_block"))
-        if block.get("type") == "tool_use" and isinstance(index, int):  # (server_tool_use is Anthropic's own)
-            tools.add(index)
-            turn.call_piece(index, block.get("id"), block.get("name"))
-        elif block.get("type") == "text":
-            return turn.text(block.get("text"))
-        return []
-    if kind == "content_block_stop" and index in tools:
-        tools.discard(index)
-        return turn.call_done(index)
-    if kind == "message_start":
-        u = _http.obj(_http.obj(data.get("message")).get("usage"))
-        usage.update((f, _http.count(u[f])) for f in USAGE_FIELDS if f in u)
-    elif kind == "message_delta":
-        raw = _http.text(_http.obj(data.get("delta")).get("stop_reason"))
-        if raw:
-            turn.finished(raw, STOP.get(raw, "stop"))
-        u = _http.obj(data.get("usage"))  # cumulative: each field it carries replaces the earlier one
-        usage.update((f, _http.count(u[f])) for f in USAGE_FIELDS if f in u)
-    return []  # ping, and types added after this was written
+class Reader:
+    """One message's events: the Turn, the latest value of each usage field,
+    the tool_use blocks still open, and the turn's thinking blocks, which
+    Anthropic wants back, signed, with the tool calls they led to."""
 
+    def __init__(self, turn):
+        self.turn, self.usage, self.tools, self.thinking, self.blocks = turn, {}, set(), {}, []
 
-def read_usage(turn, usage: dict) -> None:
-    cache_read, cache_creation = usage.get("cache_read_input_tokens"), usage.get("cache_creation_input_tokens")
-    prompt = usage.get("input_tokens", 0) + (cache_read or 0) + (cache_creation or 0)
-    turn.set_usage(prompt, usage.get("output_tokens", 0), cache_read=cache_read, cache_creation=cache_creation)
+    def event(self, kind, data) -> list:
+        turn, index = self.turn, data.get("index")
+        if kind == "content_block_delta":
+            delta = _http.obj(data.get("delta"))
+            dtype = delta.get("type")
+            if dtype == "text_delta":
+                return turn.text(delta.get("text"))
+            if dtype == "thinking_delta":
+                if index in self.thinking:
+                    self.thinking[index]["thinking"] += _http.text(delta.get("thinking"))
+                return turn.reasoning(delta.get("thinking"))
+            if dtype == "signature_delta" and index in self.thinking:
+                self.thinking[index]["signature"] += _http.text(delta.get("signature"))
+            elif dtype == "input_json_delta" and index in self.tools:
+                turn.call_piece(index, arguments=delta.get("partial_json"))
+            return []  # citations_delta, a server tool's input
+        if kind == "content_block_start":
+            block = _http.obj(data.get("content_block"))
+            btype = block.get("type")
+            if btype == "tool_use" and isinstance(index, int):  # (server_tool_use is Anthropic's own)
+                self.tools.add(index)
+                extra = None
+                if self.blocks and not turn.emitted and not turn.calls:  # the first call carries them
+                    extra = {"anthropic": {"thinking_blocks": self.blocks}}
+                turn.call_piece(index, block.get("id"), block.get("name"), extra=extra)
+            elif btype == "thinking" and isinstance(index, int):
+                self.thinking[index] = {"type": "thinking", "thinking": _http.text(block.get("thinking")),
+                                        "signature": _http.text(block.get("signature"))}
+                self.blocks.append(self.thinking[index])
+            elif btype == "redacted_thinking":
+                self.blocks.append({"type": "redacted_thinking", "data": _http.text(block.get("data"))})
+            elif btype == "text":
+                return turn.text(block.get("text"))
+            return []
+        if kind == "content_block_stop" and index in self.tools:
+            self.tools.discard(index)
+            return turn.call_done(index)
+        if kind == "message_start":
+            u = _http.obj(_http.obj(data.get("message")).get("usage"))
+            self.usage.update((f, _http.count(u[f])) for f in USAGE_FIELDS if f in u)
+        elif kind == "message_delta":
+            raw = _http.text(_http.obj(data.get("delta")).get("stop_reason"))
+            if raw:
+                turn.finished(raw, STOP.get(raw, "stop"))
+            u = _http.obj(data.get("usage"))  # cumulative: each field it carries replaces the earlier one
+            self.usage.update((f, _http.count(u[f])) for f in USAGE_FIELDS if f in u)
+        return []  # ping, and types added after this was written
+
+    def result(self) -> dict:
+        u = self.usage
+        if u:
+            cache_read, cache_creation = u.get("cache_read_input_tokens"), u.get("cache_creation_input_tokens")
+            prompt = u.get("input_tokens", 0) + (cache_read or 0) + (cache_creation or 0)
+            self.turn.set_usage(prompt, u.get("output_tokens", 0), cache_read=cache_read,
+                                cache_creation=cache_creation)
+        return self.turn.result()

@@ -35,11 +35,12 @@ def parts(m) -> list:
                 out.append({"text": p[1]})
         else:
             out.append({"inlineData": {"mimeType": p[1], "data": p[2]}})
-    for call_id, name, arguments, signature in m.tool_calls:
+    for call_id, name, arguments, extra in m.tool_calls:
         call = {"name": name, "args": arguments_object(arguments)}
         if not call_id.startswith("call_"):  # (ours are made up: Gemini's own ids go back)
             call["id"] = call_id
         part = {"functionCall": call}
+        signature = _http.text(_http.obj(_http.obj(extra).get("google")).get("thought_signature"))
         if signature:
             part["thoughtSignature"] = signature
         out.append(part)
@@ -172,9 +173,10 @@ def read_chunk(turn, chunk) -> list:
             call = _http.obj(part.get("functionCall"))
             if call:
                 args = call.get("args") if isinstance(call.get("args"), dict) else {}
+                sig = _http.text(part.get("thoughtSignature"))
                 out += turn.whole_call(call.get("id"), call.get("name"),
                                        json.dumps(args, ensure_ascii=False, separators=(",", ":")),
-                                       part.get("thoughtSignature"))
+                                       {"google": {"thought_signature": sig}} if sig else None)
             elif part.get("thought") is True:
                 out += turn.reasoning(part.get("text"))
             else:

@@ -33,10 +33,10 @@ def message(m) -> dict:
     return out
 
 
-def tool_call(call_id, name, arguments, signature) -> dict:
+def tool_call(call_id, name, arguments, extra) -> dict:
     out = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
-    if signature:  # (Gemini's OpenAI-compatible API wants its thought signature back)
-        out["extra_content"] = {"google": {"thought_signature": signature}}
+    if extra:  # (Gemini's OpenAI-compatible API wants its thought signature back here)
+        out["extra_content"] = extra
     return out
 
 
@@ -131,7 +131,7 @@ def read_chunk(turn, chunk) -> list:
             fn = _http.obj(tc.get("function"))
             index = tc.get("index")
             turn.call_piece(index if type(index) is int else 0, tc.get("id"), fn.get("name"), fn.get("arguments"),
-                            _http.text(_http.obj(_http.obj(tc.get("extra_content")).get("google")).get("thought_signature")))
+                            _http.obj(tc.get("extra_content")))
         raw = _http.text(choice.get("finish_reason"))
         if raw:
             out += turn.open_calls_done()

@@ -22,6 +22,9 @@ chunked SSE by default.  The X-Test-Pattern request header picks a scenario:
   flood:N       N events of 1 KiB, as fast as the client takes them
   burst:SIZE    SIZE bytes of content in events of 1,100 B, all written at once (one send)
   echo:C        HTTP status C with an error body that quotes the request's prompt (as upstreams do)
+  empty         a complete stream with no content at all
+  tools         the provider's stream of two tool calls, get_weather {"city": "Paris"} and
+                get_time {"tz": "CET"}, in its own format, and no text
   length        Content-Length framing instead of chunked
   eof           no framing: Connection: close, body ends at EOF
   lateend:MS    MS milliseconds between the last event and the end of the framing
@@ -81,6 +84,18 @@ class OpenAI(Format):
 
     def end(self): return self.ev(b"[DONE]")
 
+    def tool_calls(self):
+        def delta(calls):
+            return self.ev({"id": "chatcmpl-test", "choices": [{"index": 0, "delta": {"tool_calls": calls},
+                                                               "finish_reason": None}]})
+        return [delta([{"index": 0, "id": "call_a", "type": "function",
+                        "function": {"name": "get_weather", "arguments": ""}}]),
+                delta([{"index": 0, "function": {"arguments": '{"city":'}}]),
+                delta([{"index": 1, "id": "call_b", "type": "function",
+                        "function": {"name": "get_time", "arguments": '{"tz":"CET"}'}}]),
+                delta([{"index": 0, "function": {"arguments": ' "Paris"}'}}]),
+                self.ev({"id": "chatcmpl-test", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})]
+
     def error(self): return self.ev({"error": {"message": "boom mid-stream", "type": "server_error"}})
 
     def status_body(self, code):
@@ -107,6 +122,26 @@ class Anthropic(Format):
 
     def end(self): return self.ev({"type": "message_stop"}, "message_stop")
 
+    def tool_calls(self):
+        def ev(obj):
+            return self.ev(obj, obj["type"])
+        return [ev({"type": "content_block_stop", "index": 0}),
+                ev({"type": "content_block_start", "index": 1, "content_block": {
+                    "type": "tool_use", "id": "toolu_a", "name": "get_weather", "input": {}}}),
+                ev({"type": "content_block_delta", "index": 1,
+                    "delta": {"type": "input_json_delta", "partial_json": ""}}),
+                ev({"type": "content_block_delta", "index": 1,
+                    "delta": {"type": "input_json_delta", "partial_json": '{"city":'}}),
+                ev({"type": "content_block_delta", "index": 1,
+                    "delta": {"type": "input_json_delta", "partial_json": ' "Paris"}'}}),
+                ev({"type": "content_block_stop", "index": 1}),
+                ev({"type": "content_block_start", "index": 2, "content_block": {
+                    "type": "tool_use", "id": "toolu_b", "name": "get_time", "input": {}}}),
+                ev({"type": "content_block_delta", "index": 2,
+                    "delta": {"type": "input_json_delta", "partial_json": '{"tz":"CET"}'}}),
+                ev({"type": "content_block_stop", "index": 2}),
+                ev({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 9}})]
+
     def error(self):
         return self.ev({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}, "error")
 
@@ -131,6 +166,13 @@ class Gemini(Format):
 
     def end(self): return b""  # the finishReason is Gemini's end marker
 
+    def tool_calls(self):
+        return [self.ev({"candidates": [{"content": {"role": "model", "parts": [
+                    {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}, "thoughtSignature": "c2ln"},
+                    {"functionCall": {"name": "get_time", "args": {"tz": "CET"}}}]},
+                    "finishReason": "STOP", "index": 0}],
+                    "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 9, "totalTokenCount": 14}})]
+
     def error(self): return self.ev({"error": {"code": 503, "message": "overloaded", "status": "UNAVAILABLE"}})
 
     def status_body(self, code):
@@ -150,6 +192,15 @@ class LangGraph(Format):
         return self.ev([{"content": "TOOL OUTPUT", "type": "tool", "id": "t1"}, {}], "messages")
 
     def end(self): return b""  # a real LangGraph server sends no end marker: the stream just closes
+
+    def tool_calls(self):
+        def chunk(tcc):
+            return self.ev([{"content": "", "type": "AIMessageChunk", "id": "m2", "tool_call_chunks": tcc},
+                            {"langgraph_node": "agent"}], "messages")
+        return [chunk([{"name": "get_weather", "args": "", "id": "lc_a", "index": 0}]),
+                chunk([{"name": None, "args": '{"city":', "id": None, "index": 0}]),
+                chunk([{"name": None, "args": ' "Paris"}', "id": None, "index": 0}]),
+                chunk([{"name": "get_time", "args": '{"tz":"CET"}', "id": "lc_b", "index": 1}])]
 
     def error(self): return self.ev({"error": "ValueError", "message": "boom"}, "error")
 
@@ -355,11 +406,17 @@ class TestUpstream:
             delay = int(arg) / 1000
         elif name == "error":
             pieces, error = WORDS[:2], True
+        elif name == "empty":
+            pieces = []
         elif name == "flood":
             pieces = ["y" * 1024] * int(arg)
         elif name == "burst":
             size = int(arg)
             pieces = ["z" * min(1100, size - i) for i in range(0, size, 1100)]
+        if name == "tools":  # two tool calls (get_weather Paris, get_time CET) and no text
+            events = [fmt.start()] + fmt.tool_calls() + [fmt.end()]
+            return ("sse", [e for e in events if e], {
+                "name": name, "arg": arg, "delay": delay, "cut": False, "framing": "chunked"})
         events = [fmt.start()] + [fmt.content(p) for p in pieces]
         if error:
             events.append(fmt.error())
