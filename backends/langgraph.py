@@ -19,6 +19,7 @@ Complete when the run's stream closes cleanly (its chunked framing ends)
         event, which older deployments send, is accepted as the same).
 """
 import json
+import uuid
 from urllib.parse import quote
 
 from streamd import BackendError
@@ -76,8 +77,14 @@ def request_body(req, cfg, stateful):
         raise bad_request("langgraph: the graph defines its own tools; a handoff's 'tools' cannot be sent to it")
     fmt = _http.setting(cfg, NAME, req.profile, "content_format")
     conv = req.conversation()
+    if stateful:
+        # The thread holds the conversation (the graph's add_messages appends
+        # what it is given): send only the new turn, the messages after the
+        # handoff's last assistant message, or the whole history would repeat.
+        last = max((i for i, m in enumerate(conv) if m.role == "assistant"), default=-1)
+        conv = conv[last + 1:]
     messages = [message(m, fmt) for m in conv]
-    if req.system and not any(m.role == "system" for m in conv):
+    if req.system and not stateful and not any(m.role == "system" for m in conv):
         messages.insert(0, {"type": "system", "content": req.system})
     inp = {"messages": messages}
     for k in sorted(req.langgraph_input or {}):
@@ -102,8 +109,19 @@ def chunk_text(chunk) -> str:
     return ""
 
 
+def thread_uuid(thread_id: str) -> str:
+    """LangGraph wants thread ids to be UUIDs (anything else is 422): a UUID
+    is sent as it is, any other id as a UUID made from it (uuid5, so the same
+    id is the same thread on every turn)."""
+    try:
+        return str(uuid.UUID(thread_id))
+    except ValueError:
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, "streamd:thread:" + thread_id))
+
+
 def ensure_thread(target, cfg, headers, thread_id, key):
-    """Create the thread if it does not exist (200, 201, or 409 if it does)."""
+    """Create the thread if it does not exist (200 whether or not it did; 409
+    from servers that answer so for an existing one)."""
     try:
         stream = yield from _http.open_stream(target, cfg, "POST", target.path + "/threads", headers,
                                               {"thread_id": thread_id, "if_exists": "do_nothing"},
@@ -125,8 +143,9 @@ def run(req, cfg):
     headers = _http.headers(req, "X-Api-Key", key)
     body = request_body(req, cfg, bool(req.thread_id))
     if req.thread_id:
-        yield from ensure_thread(target, cfg, headers, req.thread_id, key)
-        path = "%s/threads/%s/runs/stream" % (target.path, quote(req.thread_id, safe=""))
+        thread = thread_uuid(req.thread_id)
+        yield from ensure_thread(target, cfg, headers, thread, key)
+        path = "%s/threads/%s/runs/stream" % (target.path, quote(thread, safe=""))
     else:
         path = target.path + "/runs/stream"
     stream = yield from _http.open_stream(target, cfg, "POST", path, headers, body, secrets=(key,))

@@ -5,6 +5,7 @@ import os
 import socket
 import ssl
 import time
+import uuid
 
 import pytest
 
@@ -380,11 +381,29 @@ def test_langgraph_thread_and_input(daemon, upstream):
                     "langgraph_input": {"z": 1, "a": {"b": 2}}})
     assert contents(c) == ("".join(WORDS), True, None)
     create, run = up.requests[-2:]
-    assert create.path == "/threads" and create.body == {"thread_id": "t/1", "if_exists": "do_nothing"}
-    assert run.path == "/threads/t%2F1/runs/stream"
+    # LangGraph wants UUID thread ids: another id is sent as uuid5 of it, the same on every turn
+    tid = str(uuid.uuid5(uuid.NAMESPACE_URL, "streamd:thread:t/1"))
+    assert create.path == "/threads" and create.body == {"thread_id": tid, "if_exists": "do_nothing"}
+    assert run.path == "/threads/%s/runs/stream" % tid
     assert run.body["assistant_id"] == "bot" and list(run.body["input"]) == ["messages", "a", "z"]
     assert "on_completion" not in run.body
     assert b"TOOL OUTPUT" not in c.data
+    real = "2d1c7f1e-9a1b-4c7e-8f00-123456789abc"
+    stream(ip, {"prompt": "q", "thread_id": real})
+    assert up.last().path == "/threads/%s/runs/stream" % real  # a UUID goes as it is
+
+
+def test_langgraph_thread_turn_sends_only_the_new_messages(daemon, upstream):
+    """The thread holds the conversation (add_messages appends what it gets):
+    with a thread_id only the turn after the last assistant message goes."""
+    up = upstream()
+    ip = daemon(**settings("langgraph", up))
+    history = [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
+               {"role": "user", "content": "three"}]
+    stream(ip, {"messages": history, "thread_id": "conv-1", "system": "be brief"})
+    assert up.last().body["input"]["messages"] == [{"type": "human", "content": "three"}]
+    stream(ip, {"messages": history, "system": "be brief"})  # stateless: everything, and the system prompt
+    assert [m["content"] for m in up.last().body["input"]["messages"]] == ["be brief", "one", "two", "three"]
 
 
 def test_langgraph_raw_output(daemon, upstream):
