@@ -1831,8 +1831,12 @@ def sse_to_ws(data: bytes, pending: bytearray) -> bytes:
             msg = {"type": "chunk", "content": obj["content"]}
         elif isinstance(obj, dict) and isinstance(obj.get("char"), str):
             msg = {"type": "chunk", "content": obj["char"], "index": obj.get("index")}
-        elif isinstance(obj, dict) and "usage" in obj:
-            msg = dict(obj, type="usage")
+        elif isinstance(obj, dict) and isinstance(obj.get("reasoning"), str):
+            msg = {"type": "reasoning", "content": obj["reasoning"]}
+        elif isinstance(obj, dict) and "tool_call" in obj:
+            msg = {"type": "tool_call", "tool_call": obj["tool_call"]}
+        elif isinstance(obj, dict) and "finish_reason" in obj:
+            msg = dict(obj, type="usage" if "usage" in obj else "finish")
         else:
             msg = {"type": "event", "data": obj}
             if name:
@@ -3296,7 +3300,7 @@ class HTTPFront:
             return None
         obj = {}
         for name in ("prompt", "backend", "model", "system", "request_id", "test_pattern", "thread_id",
-                     "assistant_id", "stream_mode"):
+                     "assistant_id", "stream_mode", "profile"):
             if name in q:
                 obj[name] = q[name]
         for name, conv in (("max_tokens", int), ("temperature", _finite), ("top_p", _finite)):
@@ -3306,8 +3310,9 @@ class HTTPFront:
                 except ValueError:
                     raise ProtocolError(400, "%s: expected %s, got %r" % (
                         name, "an integer" if conv is int else "a number", q[name][:40])) from None
-        if "include_usage" in q:
-            obj["include_usage"] = q["include_usage"].lower() in ("1", "true", "yes")
+        for name in ("include_usage", "include_reasoning"):
+            if name in q:
+                obj[name] = q[name].lower() in ("1", "true", "yes")
         if "messages" in q:
             try:
                 obj["messages"] = loads_client_json(q["messages"])

@@ -523,3 +523,9 @@ def test_cors_off_by_default_and_star(daemon):
 def test_bad_cors_origins_are_config_errors(value):
     with pytest.raises(streamd.ConfigError, match=r"config.yaml: http.cors_origins: expected a list of origins"):
         streamd.parse_option(streamd.OPTION_BY_KEY["http.cors_origins"], value, "config.yaml")
+
+
+def test_query_takes_include_reasoning_and_profile(daemon):
+    ip = front(daemon)
+    status, _, body = exchange(ip, get("/v1/stream?prompt=x&profile=nope&include_reasoning=true"))
+    assert status == 400 and "profile: 'nope' is not a profile of backend mock" in error_of(body)["message"]

@@ -283,3 +283,12 @@ def test_an_event_cut_across_writes_waits_for_its_end():
     ev = streamd.sse_event({"content": "abc"})
     assert streamd.sse_to_ws(ev[:5], pending) == b""
     assert ws_messages(streamd.sse_to_ws(ev[5:], pending)) == [{"type": "chunk", "content": "abc"}]
+
+
+def test_reasoning_tool_calls_and_the_finish_become_typed_websocket_messages():
+    call = {"id": "c1", "name": "get_weather", "arguments": "{}"}
+    sse = (streamd.sse_event({"reasoning": "hmm"}) + streamd.sse_event({"tool_call": call})
+           + streamd.sse_event({"finish_reason": "tool_calls"}) + streamd.SSE_DONE)
+    assert ws_messages(streamd.sse_to_ws(sse, bytearray())) == [
+        {"type": "reasoning", "content": "hmm"}, {"type": "tool_call", "tool_call": call},
+        {"type": "finish", "finish_reason": "tool_calls"}, {"type": "done"}]
