@@ -35,6 +35,7 @@ import errno
 import gc
 import heapq
 import importlib
+import importlib.util
 import itertools
 import json
 import logging
@@ -224,9 +225,14 @@ def p_abspath_or_empty(v):
     return v
 
 
-@_parser("an octal file mode in quotes, like '0660'")
+@_parser("an octal file mode like 0660")
 def p_mode(v):
-    # A YAML 0660 arrives as the integer 432; ask for a string rather than guess.
+    # YAML 1.1 (PyYAML, and Go's yaml.v3) reads an unquoted 0660 as an octal
+    # integer: 432.  So an integer is the mode itself; a string is octal text.
+    if isinstance(v, int) and not isinstance(v, bool):
+        if not 0 < v <= 0o777:
+            raise ValueError
+        return v
     if not isinstance(v, str) or not re.fullmatch(r"0?[0-7]{3}", v.strip()):
         raise ValueError
     return int(v.strip(), 8)
@@ -316,11 +322,12 @@ def p_names(v):
 
 
 class Option:
-    __slots__ = ("key", "default", "parse", "flag", "env", "live", "help")
+    __slots__ = ("key", "default", "parse", "flag", "env", "env_parse", "live", "help")
 
-    def __init__(self, key, default, parse, flag=None, env=None, live=False, help=""):
+    def __init__(self, key, default, parse, flag=None, env=None, live=False, help="", env_parse=None):
         self.key, self.default, self.parse = key, default, parse
         self.flag, self.env, self.live, self.help = flag, env, live, help
+        self.env_parse = env_parse  # how to read the environment variable, when not as the flag is
 
 
 class NestedValueError(ValueError):
@@ -333,7 +340,8 @@ class NestedValueError(ValueError):
 
 # What a profile (backend.<name>.profiles.<profile>) may set, and how each is read.
 PROFILE_KEYS = {"api_base": lambda: p_url, "api_key": lambda: p_str, "api_socket": lambda: p_abspath_or_empty,
-                "default_model": lambda: p_str}
+                "default_model": lambda: p_str, "http2": lambda: p_choice("auto", "true", "false"),
+                "insecure_ssl": lambda: p_bool}
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -354,13 +362,19 @@ def p_profiles(extra=()):
                 raise NestedValueError(name, "a mapping of settings", prof)
             parsed = {}
             for k, raw in prof.items():
+                if k == "http2_enabled":  # the Go daemon's name: true is h2 (h2c for http://)
+                    try:
+                        k, raw = "http2", "true" if p_bool(raw) else "false"
+                    except ValueError:
+                        raise NestedValueError("%s.%s" % (name, k), p_bool.expect, raw) from None
                 if k == "api_key_env":
                     if not isinstance(raw, str) or not _ENV_NAME.fullmatch(raw):
                         raise NestedValueError("%s.%s" % (name, k), "an environment variable name", raw)
                     parsed[k] = raw
                     continue
                 if k not in keys:
-                    raise NestedValueError("%s.%s" % (name, k), "one of " + ", ".join(sorted(set(keys) | {"api_key_env"})), k)
+                    raise NestedValueError("%s.%s" % (name, k), "one of " + ", ".join(
+                        sorted(set(keys) | {"api_key_env", "http2_enabled"})), k)
                 parser = keys[k]()
                 try:
                     parsed[k] = parser(raw)
@@ -369,6 +383,17 @@ def p_profiles(extra=()):
             out[name] = parsed
         return out
     return parse
+
+
+def go_http2_env(v: str) -> str:
+    """The Go daemon's *_HTTP2_ENABLED: false, 0, no, off (any case) turn it
+    off; any other value turns it on (h2 over TLS, h2c for http://)."""
+    return "false" if v.strip().lower() in ("false", "0", "no", "off") else "true"
+
+
+def go_insecure_env(v: str) -> bool:
+    """The Go daemon's *_INSECURE_SSL: only true or 1 turns it on."""
+    return v.strip().lower() in ("true", "1")
 
 
 def upstream_options(name, base, auth, path, model, model_note="", profile_keys=()):
@@ -386,6 +411,14 @@ def upstream_options(name, base, auth, path, model, model_note="", profile_keys=
     if model is not None:
         rows.append(Option("backend.%s.default_model" % name, model, p_str, "--%s-model" % name,
                            help=("%s: model when the handoff names none " % name + model_note).strip()))
+    rows.append(Option("backend.%s.http2" % name, "", p_choice("", "auto", "true", "false"), "--%s-http2" % name,
+                       env=up + "_HTTP2_ENABLED", env_parse=go_http2_env, live=True,
+                       help="%s: upstream.http2 for this backend only (empty: upstream.http2); the Go daemon's "
+                            "http2_enabled" % name))
+    rows.append(Option("backend.%s.insecure_ssl" % name, False, p_bool, "--%s-insecure-ssl" % name,
+                       env=up + "_INSECURE_SSL", env_parse=go_insecure_env,
+                       help="%s: do not verify this backend's TLS certificates (testing only; logged as a "
+                            "warning)" % name))
     rows.append(Option("backend.%s.profiles" % name, {}, p_profiles(profile_keys), None, live=True,
                        help="%s: named upstreams a handoff may choose with \"profile\" (config file only): "
                             "each may set %s and inherits the rest" % (
@@ -431,6 +464,9 @@ OPTIONS = [
            help="largest text attachment; larger is 400"),
     Option("server.max_attachments_bytes", 40 << 20, p_size, "--max-attachments-bytes", live=True,
            help="all the attachments of one request together; more is 400"),
+    Option("server.error_format", "streamd", p_choice("streamd", "go"), "--error-format", live=True,
+           help="streamd: errors as {\"error\":{\"type\",\"message\"}}; go: {\"error\":\"message\"}, for clients "
+                "written for the Go daemon"),
     Option("server.workers", 1, p_int(1, 64), "--workers",
            help="worker processes sharing the socket; more than 1 adds a supervising parent"),
     Option("server.benchmark", False, p_bool, "--benchmark",
@@ -538,8 +574,9 @@ OPTIONS = [
            help="the page served at / (empty: demo.html next to streamd.py); re-read on SIGHUP"),
     Option("metrics.listen_addr", "127.0.0.1:9090", p_addr, "--metrics-addr",
            help="HOST:PORT for /metrics and /healthz; empty disables"),
-    Option("logging.level", "info", p_choice("debug", "info", "warning", "error"), "--log-level",
-           live=True, help="debug, info, warning or error"),
+    Option("logging.level", "info", _parser("one of debug, info, warning (or warn), error")(
+           lambda v: p_choice("debug", "info", "warning", "error")("warning" if str(v).lower() == "warn" else v)),
+           "--log-level", live=True, help="debug, info, warning (or warn) or error"),
     Option("logging.format", "text", p_choice("text", "json"), "--log-format", live=True,
            help="text (logfmt) or json, one line per record"),
 ]
@@ -561,7 +598,38 @@ def parse_option(opt: Option, raw, source: str):
         raise ConfigError("%s: expected %s, got %s" % (where, opt.parse.expect, _shown(raw))) from None
 
 
-def _flatten(tree, path: str, prefix: str = "") -> dict:
+GO_FLAG_WARNINGS = []  # what go_flags() accepted but ignores, for load_config to pass on
+
+
+def _ms(v):
+    """A Go *_ms key: an integer of milliseconds, as our duration text."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        return v  # (our parser names what is wrong)
+    return "%dms" % v
+
+
+def _go_http2(v):
+    return ("true" if v else "false") if isinstance(v, bool) else v
+
+
+# The Go reference daemon's config keys that streamd names otherwise, so that
+# its config/example.yaml loads unchanged: Go key -> (streamd key, conversion).
+GO_KEYS = {"server.max_stream_duration_ms": ("server.max_stream_duration", _ms),
+           "backend.mock.message_delay_ms": ("backend.mock.message_delay", _ms),
+           "metrics.enabled": ("metrics.enabled", None)}  # (false: no metrics listener; see load_config)
+for _name in ("openai", "anthropic", "gemini", "langgraph"):
+    GO_KEYS["backend.%s.http2_enabled" % _name] = ("backend.%s.http2" % _name, _go_http2)
+# ... and the ones that tune Go's own runtime, or features streamd does otherwise:
+# accepted, with one warning each.
+GO_IGNORED = {"server.pprof_addr": "Go's profiler endpoint (for Python: py-spy)",
+              "server.mem_limit": "a Go runtime setting (GOMEMLIMIT)",
+              "server.gc_percent": "a Go runtime setting (GOGC)",
+              "server.data_dir_max_age_ms": "streamd deletes each attachment once read",
+              "backend.typing.use_api": "the typing backend types fortune's output",
+              "backend.typing.default_model": "the typing backend types fortune's output"}
+
+
+def _flatten(tree, path: str, prefix: str = "", warnings=None) -> dict:
     out = {}
     if not isinstance(tree, dict):
         raise ConfigError("%s: %s: expected a mapping, got %s" % (path, prefix or "top level", _shown(tree)))
@@ -569,8 +637,14 @@ def _flatten(tree, path: str, prefix: str = "") -> dict:
         key = "%s.%s" % (prefix, k) if prefix else str(k)
         if key in OPTION_BY_KEY:
             out[key] = v
-        elif isinstance(v, dict) and any(o.startswith(key + ".") for o in OPTION_BY_KEY):
-            out.update(_flatten(v, path, key))
+        elif key in GO_KEYS:
+            ours, convert = GO_KEYS[key]
+            out[ours] = convert(v) if convert else v
+        elif key in GO_IGNORED:
+            if warnings is not None:
+                warnings.append("%s: %s: ignored (%s)" % (path, key, GO_IGNORED[key]))
+        elif isinstance(v, dict) and any(o.startswith(key + ".") for o in list(OPTION_BY_KEY) + list(GO_KEYS)):
+            out.update(_flatten(v, path, key, warnings))
         else:
             raise ConfigError("%s: %s: unknown key" % (path, key if _LOGFMT_BARE.fullmatch(key) else _shown(key)))
     return out
@@ -585,9 +659,10 @@ def _shown(value) -> str:
 MAX_CONFIG_BYTES = 1 << 20
 
 
-def read_config_file(path: str) -> dict:
+def read_config_file(path: str, warnings=None) -> dict:
     """Read a YAML file into {dotted key: raw value}.  PyYAML is imported here,
-    only when a config file is used: streamd.py alone runs without it."""
+    only when a config file is used: streamd.py alone runs without it.  What
+    is accepted but ignored (the Go daemon's runtime knobs) goes to `warnings`."""
     try:
         import yaml
     except ImportError:
@@ -618,13 +693,14 @@ def read_config_file(path: str) -> dict:
         # What PyYAML's constructors raise for absurd values (an integer of 5,000 digits).
         raise ConfigError("%s: invalid YAML: a value that cannot be converted (%s)"
                           % (path, str(e).split(";")[0][:80])) from None
-    return _flatten(tree if tree is not None else {}, path)
+    return _flatten(tree if tree is not None else {}, path, warnings=warnings)
 
 
 def load_config(flags: dict | None = None, env=None, path: str | None = None) -> dict:
     """Build the config dict {dotted key: value}: defaults < file < env < flags."""
     cfg = {o.key: o.default for o in OPTIONS}
     origin = {}  # key -> where its value came from, for errors that involve two keys
+    warnings = list(GO_FLAG_WARNINGS)  # logged once logging is set up (see main)
 
     def where(key):
         src = origin.get(key)
@@ -632,12 +708,19 @@ def load_config(flags: dict | None = None, env=None, path: str | None = None) ->
             "%s (%s)" % (key, src) if src else key
 
     if path:
-        for key, raw in read_config_file(path).items():
+        metrics_enabled = True
+        for key, raw in read_config_file(path, warnings).items():
+            if key == "metrics.enabled":  # the Go daemon's: false means no metrics listener at all
+                metrics_enabled = parse_option(Option(key, True, p_bool), raw, path)
+                continue
             cfg[key], origin[key] = parse_option(OPTION_BY_KEY[key], raw, path), path
+        if not metrics_enabled:
+            cfg["metrics.listen_addr"], origin["metrics.listen_addr"] = "", path
     env = os.environ if env is None else env
     for o in OPTIONS:
-        if o.env and o.env in env:
-            cfg[o.key], origin[o.key] = parse_option(o, env[o.env], o.env), o.env
+        if o.env and env.get(o.env):  # (set and not empty, as the Go daemon reads them too)
+            raw = o.env_parse(env[o.env]) if o.env_parse else env[o.env]
+            cfg[o.key], origin[o.key] = parse_option(o, raw, o.env), o.env
     for key, raw in (flags or {}).items():
         o = OPTION_BY_KEY[key]
         cfg[key], origin[key] = parse_option(o, raw, o.flag), o.flag
@@ -651,6 +734,7 @@ def load_config(flags: dict | None = None, env=None, path: str | None = None) ->
                 raise ConfigError("%s: unknown backend %r (known: %s)"
                                   % (where(key), name[:40], ", ".join(sorted(BACKENDS))))
     cfg["config_path"] = path
+    cfg["config_warnings"] = warnings
     return cfg
 
 
@@ -1164,8 +1248,53 @@ def parse_handoff(data: bytes) -> Request:
     return request_from_object(obj)
 
 
+# Every key of the handoff data (and, below, of its messages, tool calls and
+# images), for matching keys as the Go daemon does: Go's encoding/json takes a
+# key that differs only in case ("Prompt", "USER_ID"), the last one winning.
+HANDOFF_KEYS = frozenset(("prompt", "messages", "system", "model", "max_tokens", "temperature", "top_p", "user_id",
+                          "request_id", "backend", "test_pattern", "response_headers", "include_usage",
+                          "include_reasoning", "thread_id", "assistant_id", "langgraph_input", "stream_mode",
+                          "tools", "tool_choice", "profile", "lg", "langgraph_url", "langgraph_api_key",
+                          "attachments", "attachment_types", "images", "image_paths", "image_path", "image_base64",
+                          "image_mime_type", "timestamp"))
+MESSAGE_KEYS = frozenset(("role", "content", "tool_calls", "tool_call_id", "name"))
+PART_KEYS = frozenset(("type", "text", "id", "function", "extra_content", "arguments", "base64", "mime_type",
+                       "parameters", "description"))
+_FOLDED = {k.casefold(): k for k in HANDOFF_KEYS | MESSAGE_KEYS | PART_KEYS}
+
+
+def fold_keys(obj: dict, known) -> dict:
+    """`obj` with each key that matches a known one only when case is ignored
+    renamed to it.  The common case, every key exact, costs one set check."""
+    if all(k in known for k in obj):
+        return obj
+    out = {}
+    for k, v in obj.items():
+        name = k if k in known else _FOLDED.get(k.casefold(), k) if isinstance(k, str) else k
+        out.pop(name, None)  # (the last one wins, as in Go)
+        out[name] = v
+    return out
+
+
+def _fold_list(items, known):
+    return [fold_keys(x, known) if isinstance(x, dict) else x for x in items] if isinstance(items, list) else items
+
+
 def request_from_object(obj: dict) -> Request:
     """Validate the fields of a handoff-data object (also a direct request's body)."""
+    obj = fold_keys(obj, HANDOFF_KEYS)
+    for field, known in (("messages", MESSAGE_KEYS), ("images", PART_KEYS), ("tools", PART_KEYS)):
+        if isinstance(obj.get(field), list):
+            obj[field] = _fold_list(obj[field], known)
+    if isinstance(obj.get("messages"), list):
+        for m in obj["messages"]:
+            if isinstance(m, dict):
+                for field in ("content", "tool_calls"):
+                    if isinstance(m.get(field), list):
+                        m[field] = _fold_list(m[field], PART_KEYS)
+                for c in m.get("tool_calls") or () if isinstance(m.get("tool_calls"), list) else ():
+                    if isinstance(c, dict) and isinstance(c.get("function"), dict):
+                        c["function"] = fold_keys(c["function"], PART_KEYS)
     req = Request()
     for name, value in obj.items():  # only the keys present: usually two or three
         rule = _FIELD_CHECKS.get(name)
@@ -1241,9 +1370,13 @@ def http_response(status: int, content_type: str, body: bytes, headers=()) -> by
 
 
 def error_response(status: int, message: str, kind: str | None = None,
-                   retry_after: int | None = None, headers=()) -> bytes:
-    """A complete JSON error response, sent when no stream has started."""
-    body = _dumps({"error": {"type": kind or ERROR_KINDS.get(status, "error"), "message": message}})
+                   retry_after: int | None = None, headers=(), fmt: str = "streamd") -> bytes:
+    """A complete JSON error response, sent when no stream has started.
+    fmt "go": {"error": "<message>"}, the shape the Go daemon's clients read."""
+    if fmt == "go":
+        body = _dumps({"error": message})
+    else:
+        body = _dumps({"error": {"type": kind or ERROR_KINDS.get(status, "error"), "message": message}})
     if retry_after is not None:
         headers = (("Retry-After", retry_after),) + tuple(headers)
     return http_response(status, "application/json", body, headers)
@@ -1254,8 +1387,9 @@ def sse_event(obj) -> bytes:
     return b"data: " + _dumps(obj) + b"\n\n"
 
 
-def sse_error(kind: str, message: str) -> bytes:
-    return sse_event({"error": {"type": kind, "message": message}})
+def sse_error(kind: str, message: str, fmt: str = "streamd") -> bytes:
+    """The error event that ends a failed stream (fmt: see error_response)."""
+    return sse_event({"error": message} if fmt == "go" else {"error": {"type": kind, "message": message}})
 
 
 SSE_DONE = b"data: [DONE]\n\n"
@@ -2313,7 +2447,7 @@ class Connection:
         self.transition("error_response")
         self.status = status
         self.outcome = self.outcome or outcome
-        self.write(error_response(status, message, kind, retry_after, headers))
+        self.write(error_response(status, message, kind, retry_after, headers, self.cfg_limit("server.error_format")))
         self.after_last_write()
 
     def last_words(self, kind: str, message: str, status: int = 503):
@@ -2321,9 +2455,10 @@ class Connection:
         daemon stops, or handling it raised): an error event if the stream
         started, an error status if not (None: nothing fits)."""
         if self.state is State.STREAMING:
-            return sse_error(kind, message)
+            return sse_error(kind, message, self.cfg_limit("server.error_format"))
         if self.state in (State.STARTING, State.REQUEST) or (self.state is State.RECEIVING and self.has_client):
-            return error_response(status, message, kind, retry_after=1 if status == 503 else None)
+            return error_response(status, message, kind, retry_after=1 if status == 503 else None,
+                                  fmt=self.cfg_limit("server.error_format"))
         return None
 
     def fail_internal(self) -> None:
@@ -3141,7 +3276,7 @@ class HTTPFront:
     def turn_away(self, conn: Connection, status: int, message: str, reason: str) -> None:
         """Refuse a connection at accept: one write, best effort, and close."""
         try:
-            conn.sock.send(error_response(status, message, retry_after=1))
+            conn.sock.send(error_response(status, message, retry_after=1, fmt=self.daemon.cfg["server.error_format"]))
         except OSError:
             pass
         d = self.daemon
@@ -4472,14 +4607,14 @@ class Daemon(LoopBase):
         if conn.state is State.STARTING:
             conn.respond_error(status, message, kind, retry, outcome=reason)
         elif conn.state is State.STREAMING:
-            conn.end_stream(sse_error(kind, message), reason)
+            conn.end_stream(sse_error(kind, message, self.cfg["server.error_format"]), reason)
 
     def fail_stream(self, conn: Connection, kind: str, message: str, reason: str) -> None:
         """End a live stream from outside (shutdown): error event or error status."""
         if conn.state is State.STARTING:
             conn.respond_error(503, message, kind, retry_after=1, outcome=reason)
         elif conn.state is State.STREAMING:
-            conn.end_stream(sse_error(kind, message), reason)
+            conn.end_stream(sse_error(kind, message, self.cfg["server.error_format"]), reason)
 
     def backend(self, name: str):
         mod = self.backends.get(name)
@@ -5140,15 +5275,30 @@ BACKENDS = {
 }
 
 
+# The Debian 12 package of each importable name a backend may need.
+DEBIAN_PACKAGES = {"urllib3": "python3-urllib3", "yaml": "python3-yaml", "prometheus_client": "python3-prometheus-client",
+                   "h2": "python3-h2"}
+PYPI_NAMES = {"yaml": "PyYAML", "prometheus_client": "prometheus-client"}
+
+
 def load_backend(name: str):
+    """The backend's module (imported on first use), after checking that the
+    packages it names in REQUIRES are installed: a missing one stops the start
+    naming it, rather than failing every request later."""
     entry = BACKENDS[name]
     if not isinstance(entry, str):
         return entry
     try:
-        return importlib.import_module(entry)
+        mod = importlib.import_module(entry)
     except ImportError as e:
-        raise ConfigError("backend %r cannot be loaded: %s (is the backends/ directory next to streamd.py, "
-                          "and its packages installed?)" % (name, e)) from None
+        raise ConfigError("backend %r cannot be loaded: %s (is the backends/ directory next to streamd.py?)"
+                          % (name, e)) from None
+    for package in getattr(mod, "REQUIRES", ()):
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError("backend %r needs the %s package: pip install %s (or apt install %s)"
+                              % (name, package, PYPI_NAMES.get(package, package),
+                                 DEBIAN_PACKAGES.get(package, "python3-" + package)))
+    return mod
 
 
 # ---- Signals & systemd ----
@@ -5400,6 +5550,48 @@ def supervise(cfg: dict, flags: dict, env: dict) -> int:
     return status
 
 
+# The Go daemon's flags: one dash (-backend mock) as well as two, -flag=value,
+# and these that streamd spells otherwise or does not need.
+GO_FLAGS = {"--max-stream-duration-ms": lambda v: ["--max-stream-duration", "%sms" % v],
+            "--http2-enabled": lambda v: ["--openai-http2", "false" if v.lower() in ("false", "0") else "true"],
+            "--memlimit": None, "--gc-percent": None, "--pprof-addr": None}
+GO_BOOL_FLAGS = ("--http2-enabled", "--benchmark", "--insecure-ssl")
+
+
+def go_flags(argv: list) -> list:
+    """argv with the Go daemon's flags made ours (GO_FLAGS); what is accepted
+    but ignored goes to GO_FLAG_WARNINGS."""
+    GO_FLAG_WARNINGS.clear()
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if re.fullmatch(r"-[a-z][a-z0-9-]+(=.*)?", arg):
+            arg = "-" + arg  # -backend -> --backend (Go's flag package takes both)
+        name, eq, value = arg.partition("=")
+        if name in GO_BOOL_FLAGS and name not in GO_FLAGS:
+            if eq and value.lower() in ("false", "0"):
+                continue  # -benchmark=false: the default
+            arg = name
+        if name in GO_FLAGS:
+            if not eq and name not in GO_BOOL_FLAGS:
+                if i >= len(argv):
+                    out.append(arg)  # (argparse says what is missing)
+                    continue
+                value = argv[i]
+                i += 1
+            elif not eq:
+                value = "true"
+            convert = GO_FLAGS[name]
+            if convert is None:
+                GO_FLAG_WARNINGS.append("%s: ignored (a Go runtime setting)" % name.lstrip("-"))
+            else:
+                out += convert(value)
+            continue
+        out.append(arg)
+    return out
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "send":
@@ -5408,7 +5600,7 @@ def main(argv=None) -> int:
         return cmd_demo(argv[1:])
     if argv and argv[0] == "serve":
         argv = argv[1:]
-    args = vars(build_arg_parser().parse_args(argv))
+    args = vars(build_arg_parser().parse_args(go_flags(argv)))
     path = args.pop("config", None)
     env = dict(os.environ)
     try:
@@ -5417,9 +5609,12 @@ def main(argv=None) -> int:
         print("streamd: %s" % e, file=sys.stderr)
         return 2
     setup_logging(cfg["logging.level"], cfg["logging.format"])
+    for warning in cfg["config_warnings"]:
+        log(logging.WARNING, "config: " + warning)
     if cfg["server.workers"] > 1:
         return supervise(cfg, args, env)
-    if cfg["upstream.http2"] == "true":
+    if "true" in [cfg["upstream.http2"]] + [cfg.get("backend.%s.http2" % n) for n in [cfg["backend.provider"]]
+                                                + cfg["backend.enabled"]]:
         try:
             import h2  # noqa: F401
         except ImportError:

@@ -32,6 +32,7 @@ from streamd import BackendError, log, _finite, _not_json
 
 import logging
 
+REQUIRES = ("urllib3",)      # what a backend built on this module needs installed (checked at start)
 MAX_HEAD = 64 * 1024         # status line + headers
 MAX_EVENT = 1024 * 1024      # one SSE line or event (tool calls and LangGraph values can be big)
 MAX_ERROR_BODY = 4096        # how much of an error response we read
@@ -342,6 +343,7 @@ class Target:
         host = "[%s]" % self.host if ":" in self.host else self.host
         self.host_header = host if default_port else "%s:%d" % (host, self.port)
         self.idle = []  # [(sock, since)], newest last; loop thread only
+        self.http2 = "auto"  # upstream.http2 as it applies here (target() sets it at each use)
         self._tls = {}  # ALPN offer -> SSLContext, shared by every connection
 
     def __repr__(self):
@@ -367,10 +369,11 @@ class Target:
         does the TLS handshake with certificate and hostname verification."""
         from urllib3.connection import HTTPConnection, HTTPSConnection
         if self.scheme == "https":
-            conn = HTTPSConnection(self.host, self.port, timeout=timeout,
-                                   ssl_context=self.tls_context(("http/1.1",)),
-                                   cert_reqs="CERT_NONE" if self.insecure else "CERT_REQUIRED",
-                                   assert_hostname=False if self.insecure else None)
+            conn = HTTPSConnection(self.host, self.port, timeout=timeout, ssl_context=self.tls_context(("http/1.1",)))
+            # Attributes, not constructor arguments: urllib3 1.26 (Debian 12's)
+            # takes neither in its constructor, and both versions read them at connect.
+            conn.cert_reqs = "CERT_NONE" if self.insecure else "CERT_REQUIRED"
+            conn.assert_hostname = False if self.insecure else None
         else:
             conn = HTTPConnection(self.host, self.port, timeout=timeout)
         conn.connect()
@@ -457,13 +460,15 @@ def target(cfg: dict, name: str, profile=None) -> Target:
     config (cached: it holds the pool)."""
     base = setting(cfg, name, profile, "api_base")
     sock = setting(cfg, name, profile, "api_socket")
-    insecure = cfg["upstream.insecure_ssl"]
+    insecure = bool(cfg["upstream.insecure_ssl"] or setting(cfg, name, profile, "insecure_ssl"))
     key = (base, sock, insecure)
     t = _targets.get(key)
     if t is None:
         t = _targets[key] = Target(base, sock, insecure)
         if insecure and t.scheme == "https":
             log(logging.WARNING, "upstream TLS certificates are NOT verified (insecure_ssl)", backend=name)
+    # HTTP/2 per backend or profile, else upstream.http2 (both may change on SIGHUP)
+    t.http2 = setting(cfg, name, profile, "http2") or cfg["upstream.http2"]
     return t
 
 
@@ -787,7 +792,7 @@ def _connect(tgt, cfg, fn, timeout):
 
 
 def _attempt(tgt, cfg, method, path, headers, payload, secrets):
-    mode = cfg["upstream.http2"]
+    mode = tgt.http2
     h2 = None
     if mode != "false" and not tgt.api_socket:
         from backends import _h2

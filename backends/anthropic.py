@@ -20,6 +20,7 @@ from backends import _http
 from backends._turn import Turn
 
 NAME = "anthropic"
+REQUIRES = _http.REQUIRES  # checked at start: a missing package is a start error, not a 502 per request
 close = _http.close_all  # the daemon calls close() at exit: pooled connections
 STOP = {"end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop", "max_tokens": "length",
         "model_context_window_exceeded": "length", "tool_use": "tool_calls", "refusal": "content_filter"}

@@ -23,6 +23,7 @@ from backends import _http
 from backends._turn import Turn
 
 NAME = "gemini"
+REQUIRES = _http.REQUIRES  # checked at start: a missing package is a start error, not a 502 per request
 close = _http.close_all  # the daemon calls close() at exit: pooled connections
 FILTERED = frozenset(("SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"))
 

@@ -39,9 +39,17 @@ def test_sizes(raw, n):
 
 def test_modes():
     assert streamd.p_mode("0660") == 0o660 and streamd.p_mode("600") == 0o600
-    for bad in (432, "0999", "rw", "07777"):
+    # YAML reads an unquoted 0660 as the octal integer 432: that is the mode
+    assert streamd.p_mode(432) == 0o660 and streamd.p_mode(0o600) == 0o600
+    for bad in (0, 0o1000, -1, True, "0999", "rw", "07777"):
         with pytest.raises(ValueError):
             streamd.p_mode(bad)
+
+
+def test_unquoted_yaml_socket_mode_is_octal(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("server:\n  socket_mode: 0660\n")
+    assert streamd.load_config({}, env={}, path=str(f))["server.socket_mode"] == 0o660
 
 
 def test_addr():
@@ -90,7 +98,7 @@ def test_file_error_names_file_key_and_value(tmp_path):
     ("nonsense: 1\n", "nonsense: unknown key"),
     ("server: [1]\n", "server: unknown key"),
     ("- 1\n", "top level: expected a mapping"),
-    ("server:\n  socket_mode: 0660\n", "server.socket_mode: expected an octal file mode in quotes"),
+    ("server:\n  socket_mode: 660\n", "server.socket_mode: expected an octal file mode like 0660, got 660"),
     ("server: {a: [}\n", "invalid YAML at line 1"),
     ("server:\n  write_high_water: 1MiB\n", "must not exceed server.write_buffer_limit"),
     ("backend:\n  provider: nope\n", "unknown backend 'nope'"),
@@ -148,3 +156,17 @@ def test_readme_documents_every_flag_and_key():
             assert "`%s`" % o.flag in readme or "`%s " % o.flag in readme, "README.md does not document %s" % o.flag
         if o.env:
             assert "`%s`" % o.env in readme
+
+
+@pytest.mark.parametrize("args", [["--backend", "openai"], ["--enable-backends", "anthropic"],
+                                  ["--backend", "gemini", "--workers", "2"]])
+def test_a_configured_backend_without_its_package_stops_the_start(tmp_path, args):
+    """Without site-packages (-S) urllib3 is missing: the start fails naming it,
+    instead of a daemon that says ready and answers every request 502."""
+    out = subprocess.run([sys.executable, "-S", STREAMD, "--socket", str(tmp_path / "s"), "--metrics-addr", ""]
+                         + args, capture_output=True, text=True, timeout=30)
+    name = args[1]
+    assert out.returncode == 2
+    assert out.stderr.endswith("streamd: backend %r needs the urllib3 package: pip install urllib3 "
+                               "(or apt install python3-urllib3)\n" % name), out.stderr
+    assert not (tmp_path / "s").exists()

@@ -392,10 +392,11 @@ def test_a_thread_id_that_is_not_a_uuid_still_keeps_its_history(daemon_proc, lg)
     id, the same on every turn; and with a thread, only the new turn goes (a
     PHP side that resends the whole conversation does not repeat it)."""
     d = start_streamd(daemon_proc, lg, "--langgraph-assistant", "history")
+    conversation = "conversation-%s" % uuid.uuid4().hex[:8]  # (not a UUID; new per run: the server may keep threads)
     history = []
     for turn in (1, 2, 3):
         history.append({"role": "user", "content": "turn %d" % turn})
-        status, _, body, line = stream(d, {"messages": history, "thread_id": "conversation-42"})
+        status, _, body, line = stream(d, {"messages": history, "thread_id": conversation})
         assert status == 200, body[:300]
         answer = content_of(body)[0]
         assert answer == "You have sent %d human messages in this thread." % turn, explain(body, line)
