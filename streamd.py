@@ -481,6 +481,9 @@ OPTIONS = [
            live=True, help="mock: pause between events"),
     *upstream_options("openai", "https://api.openai.com/v1", "Authorization: Bearer", "/chat/completions",
                       "", "(empty: backend.default_model)"),
+    Option("backend.openai.stream_usage", True, p_bool, "--openai-stream-usage", live=True,
+           help="openai: always ask for the usage chunk (stream_options.include_usage), so token counts reach "
+                "daemon_tokens_total; false for servers that refuse stream_options (then only with include_usage)"),
     *upstream_options("anthropic", "https://api.anthropic.com", "x-api-key", "/v1/messages", "claude-sonnet-4-5"),
     Option("backend.anthropic.max_tokens", 1024, p_int(1), "--anthropic-max-tokens", live=True,
            help="anthropic: max_tokens when the handoff sets none (the API requires one)"),
@@ -810,11 +813,41 @@ class JSONFormatter(logging.Formatter):
         return _escape_unsafe(json.dumps(obj, ensure_ascii=False, default=str))
 
 
+# syslog priorities: under systemd, a line that starts "<3>" is an error in the
+# journal (journalctl -p err), instead of every line at the unit's default.
+_PRIORITY = {logging.DEBUG: "<7>", logging.INFO: "<6>", logging.WARNING: "<4>", logging.ERROR: "<3>",
+             logging.CRITICAL: "<2>"}
+
+
+class JournalPrefix(logging.Formatter):
+    """Puts the record's syslog priority before the line another formatter made."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record):
+        return _PRIORITY.get(record.levelno, "<6>") + self.inner.format(record)
+
+
+def stderr_is_the_journal(stream) -> bool:
+    """systemd sets JOURNAL_STREAM=<device>:<inode> of the journal's socket;
+    our stderr is that socket when both match (not when stderr was redirected)."""
+    try:
+        dev, ino = os.environ["JOURNAL_STREAM"].split(":")
+        st = os.fstat(stream.fileno())
+        return st.st_dev == int(dev) and st.st_ino == int(ino)
+    except (KeyError, ValueError, OSError, AttributeError):
+        return False
+
+
 def setup_logging(level: str, fmt: str, stream=None) -> None:
     # We print none of these, so do not look them up for every record.
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JSONFormatter() if fmt == "json" else LogfmtFormatter())
+    stream = stream or sys.stderr
+    handler = logging.StreamHandler(stream)
+    formatter = JSONFormatter() if fmt == "json" else LogfmtFormatter()
+    handler.setFormatter(JournalPrefix(formatter) if stderr_is_the_journal(stream) else formatter)
     logger.handlers[:] = [handler]
     logger.setLevel(getattr(logging, level.upper()))
     logger.propagate = False
@@ -852,7 +885,7 @@ def fds_from_ancillary(ancdata) -> list:
 
 
 class Request:
-    """The handoff data (SPEC §2), validated.  Unknown keys are ignored."""
+    """The handoff data (README "Handoff data"), validated.  Unknown keys are ignored."""
 
     __slots__ = ("prompt", "messages", "system", "model", "max_tokens", "temperature", "top_p",
                  "user_id", "request_id", "backend", "test_pattern", "response_headers",
@@ -2774,7 +2807,7 @@ class Stats:
 
     __slots__ = ("active_connections", "active_streams", "peak_streams", "started", "completed",
                  "failed", "bytes_sent", "chunks_sent", "handoffs", "handoff_errors", "rejected", "http_responses",
-                 "stream_errors", "backend_requests", "backend_errors", "internal_errors",
+                 "stream_errors", "backend_requests", "backend_errors", "internal_errors", "tokens",
                  "upstream_retries", "circuit_open", "handoff_duration", "stream_duration",
                  "backend_duration", "backend_ttfb", "loop_lag", "histograms")
 
@@ -2783,7 +2816,7 @@ class Stats:
                      "failed", "bytes_sent", "chunks_sent", "handoffs", "rejected"):
             setattr(self, name, 0)
         for name in ("handoff_errors", "stream_errors", "backend_requests", "backend_errors",
-                     "upstream_retries", "http_responses", "internal_errors"):
+                     "upstream_retries", "http_responses", "internal_errors", "tokens"):
             setattr(self, name, collections.Counter())
         self.circuit_open = {}
         self.histograms = histograms  # False under --benchmark: no metric observations
@@ -2818,7 +2851,8 @@ class Stats:
                         "backend_errors": dict(self.backend_errors),
                         "upstream_retries": dict(self.upstream_retries),
                         "http_responses": dict(self.http_responses),
-                        "internal_errors": dict(self.internal_errors)},
+                        "internal_errors": dict(self.internal_errors),
+                        "tokens": dict(self.tokens)},
             "circuit_open": dict(self.circuit_open),
             "histograms": {"handoff_duration": self.handoff_duration.dump(),
                            "stream_duration": self.stream_duration.dump(),
@@ -2877,12 +2911,21 @@ _HELP = {
     "circuit_open": "1 while the backend's circuit breaker is open",
     "http_responses": "Direct HTTP front (--listen): connections ended, by response status (101: WebSocket, 0: none)",
     "internal_errors": "Exceptions met while handling one connection (a bug; that connection was ended), by where",
+    "tokens": "Tokens the upstreams reported using, by backend and kind (prompt, completion, reasoning, "
+              "cache_read, cache_creation)",
+    "worker_open_fds": "File descriptors a worker process holds",
+    "worker_resident_memory_bytes": "A worker process's resident memory",
+    "worker_cpu_seconds": "CPU time a worker process has used",
 }
+# Every reason of daemon_handoff_errors_total, so the series exist (at 0) from the start.
+HANDOFF_REASONS = ("timeout", "no_fd", "ctrunc", "bad_fd", "too_large", "bad_json", "network", "emfile")
+TOKEN_KINDS = (("prompt_tokens", "prompt"), ("completion_tokens", "completion"), ("reasoning_tokens", "reasoning"),
+               ("cache_read_input_tokens", "cache_read"), ("cache_creation_input_tokens", "cache_creation"))
 _BUCKETS = {"handoff_duration": HANDOFF_BUCKETS, "stream_duration": STREAM_BUCKETS, "loop_lag": LAG_BUCKETS,
             "backend_duration": STREAM_BUCKETS, "backend_ttfb": TTFB_BUCKETS}
 _LABEL = {"handoff_errors": "reason", "stream_errors": "reason", "backend_requests": "backend",
           "backend_errors": "backend", "upstream_retries": "backend", "http_responses": "code",
-          "internal_errors": "where"}
+          "internal_errors": "where"}  # (tokens has two labels, backend and kind: collected on its own)
 # Every `where` of daemon_internal_errors_total, so the series exist (at 0) from the start.
 INTERNAL_WHERE = ("accept", "handoff", "front", "websocket", "client", "backend", "upstream", "helper",
                   "timer", "metrics", "signal")
@@ -2923,9 +2966,33 @@ class SnapshotCollector:
             elif name == "internal_errors":
                 for r in INTERNAL_WHERE:
                     table.setdefault(r, 0)
+            elif name == "handoff_errors":
+                for r in HANDOFF_REASONS:
+                    table.setdefault(r, 0)
             for k in sorted(table):
                 fam.add_metric([k], table[k])
             yield fam
+        fam = CounterMetricFamily("daemon_tokens", _HELP["tokens"], labels=["backend", "kind"])
+        tokens = dict(snap["labeled"].get("tokens", {}))
+        for b in self.backends:
+            for _, kind in TOKEN_KINDS[:2]:
+                tokens.setdefault("%s/%s" % (b, kind), 0)
+        for k in sorted(tokens):
+            fam.add_metric(k.split("/", 1), tokens[k])
+        yield fam
+        build = GaugeMetricFamily("streamd_build_info", "streamd's version and Python's, as labels (always 1)",
+                                  labels=["version", "python"])
+        build.add_metric([__version__, "%d.%d.%d" % sys.version_info[:3]], 1)
+        yield build
+        workers = snap.get("workers") or {}
+        for name, unit, metric in (("worker_open_fds", "", GaugeMetricFamily),
+                                   ("worker_resident_memory_bytes", "", GaugeMetricFamily),
+                                   ("worker_cpu_seconds", "", CounterMetricFamily)):
+            if workers:
+                fam = metric("daemon_" + name, _HELP[name], labels=["worker"])
+                for w in sorted(workers, key=int):
+                    fam.add_metric([w], workers[w][name])
+                yield fam
         fam = GaugeMetricFamily("daemon_circuit_open", _HELP["circuit_open"], labels=["backend"])
         for b in sorted(set(self.backends) | set(snap["circuit_open"])):
             fam.add_metric([b], snap["circuit_open"].get(b, 0))
@@ -3749,7 +3816,7 @@ class LoopBase:
     wake the loop (set_wakeup_fd on a socketpair); the loop then calls
     handle_<name>.  Daemon (the streams) and Supervisor (--workers) build on it."""
 
-    SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "term", signal.SIGHUP: "hup"}
+    SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "term", signal.SIGHUP: "hup", signal.SIGUSR1: "usr1"}
 
     def __init__(self, clock=time.monotonic):
         self.clock = clock
@@ -3963,7 +4030,7 @@ class Daemon(LoopBase):
     # -- the listener --
 
     def open_listener(self, inherited=None) -> None:
-        """Bind the Unix socket (or use one from systemd or the parent), SPEC §1."""
+        """Bind the Unix socket (or use one from systemd or the parent)."""
         if inherited is None:
             self.listener, self.listener_owned = bind_listener(self.cfg)
         else:
@@ -4089,9 +4156,13 @@ class Daemon(LoopBase):
             self.handle_term()
 
     def report(self, _=None) -> None:
-        """In a worker: send our numbers to the parent, which serves /metrics."""
+        """In a worker: send our numbers to the parent, which serves /metrics
+        (with this process's own fds, memory and CPU: the parent's process_*
+        metrics describe only the parent)."""
+        snap = self.snapshot()
+        snap["process"] = process_figures()
         try:
-            self.report_sock.send(json.dumps(self.snapshot()).encode())
+            self.report_sock.send(json.dumps(snap).encode())
         except OSError:
             pass  # the parent is gone or busy; the next report will do
         if not self.stopping and _ is not None:
@@ -4118,7 +4189,7 @@ class Daemon(LoopBase):
             for s in self.listeners():
                 self.selector.register(s, _READ, self.on_accept)
 
-    # -- receiving a handoff (SPEC §1) --
+    # -- receiving a handoff: one message, data and the client's fd (README "Handoff data") --
 
     @staticmethod
     def handoff_timeout(conn) -> None:
@@ -4551,6 +4622,13 @@ class Daemon(LoopBase):
                 backend=conn.backend_name, finish_reason=result.get("stop_reason") or result.get("finish_reason"))
         # The final event: asked for with include_usage, and always when the
         # turn ended to call tools (the client must run them and hand off again).
+        usage = result.get("usage")
+        if isinstance(usage, dict):
+            tokens = self.stats.tokens
+            for field, kind in TOKEN_KINDS:
+                n = usage.get(field)
+                if type(n) is int and n > 0:
+                    tokens["%s/%s" % (conn.backend_name, kind)] += n
         finish = result.get("finish_reason") or "stop"
         if req.include_usage or finish == "tool_calls":
             final = {"finish_reason": finish}
@@ -4721,6 +4799,23 @@ class Daemon(LoopBase):
                 conn.outcome = conn.outcome or "shutdown"
                 conn.transition("abort")
                 self.release(conn)
+
+    def handle_usr1(self) -> None:
+        """SIGUSR1: one log line with what the daemon holds now (for an operator
+        at 3 a.m.: journalctl -u streamd | grep state)."""
+        states = collections.Counter(c.state.name.lower() for c in self.conns)
+        backends = collections.Counter(c.backend_name for c in self.conns if c.started_at is not None and c.gen)
+        http = sys.modules.get("backends._http")
+        lag = self.stats.loop_lag.counts
+        fields = {"connections": len(self.conns), "states": _counts(states), "streams": _counts(backends),
+                  "max_loop_lag_ms": round(self.timers.max_lag * 1000, 2),
+                  "loop_lag_over_10ms": sum(lag[bisect.bisect_left(LAG_BUCKETS, 0.01):]),
+                  "timers": len(self.timers), "fds": process_figures()["worker_open_fds"],
+                  "helper_threads": len(self.helpers.threads) if self.helpers else 0,
+                  "upstream_pools": http.pool_summary() if http else ""}
+        if self.front is not None:
+            fields.update(front_connections=self.front.open, front_unfinished=sum(self.front.unfinished.values()))
+        log(logging.INFO, "state", **fields)
 
     def handle_hup(self) -> None:
         """SIGHUP: reload the config file; apply what can change on a live daemon."""
@@ -4971,6 +5066,8 @@ class Supervisor(LoopBase):
     def snapshot(self) -> dict:
         snaps = [self.retired] + [w.snapshot for w in self.workers if w.snapshot]
         merged = merge_snapshots(snaps)
+        merged["workers"] = {str(w.index): w.snapshot["process"] for w in self.workers
+                             if w.snapshot and "process" in w.snapshot}
         for where, n in self.internal_errors.items():
             table = merged["labeled"]["internal_errors"]
             table[where] = table.get(where, 0) + n
@@ -5061,6 +5158,11 @@ class Supervisor(LoopBase):
         log(logging.INFO, "SIGHUP: reloading workers", workers=sum(1 for w in self.workers if w.pid))
         self.signal_workers(signal.SIGHUP)
 
+    def handle_usr1(self) -> None:
+        log(logging.INFO, "state", workers=",".join("%d:%s" % (w.index, w.pid or "down") for w in self.workers),
+            draining=self.draining)
+        self.signal_workers(signal.SIGUSR1)  # each worker logs its own
+
     def signal_workers(self, sig) -> None:
         for w in self.workers:
             if w.pid:
@@ -5116,6 +5218,22 @@ class FdReserve:
         self.spares = []
 
 
+def _counts(counter) -> str:
+    return ",".join("%s:%d" % kv for kv in sorted(counter.items())) or "none"
+
+
+def process_figures() -> dict:
+    """This process's open fds, resident memory and CPU seconds (Linux /proc)."""
+    try:
+        fds = len(os.listdir("/proc/self/fd"))
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        fds = rss = 0
+    t = os.times()
+    return {"worker_open_fds": fds, "worker_resident_memory_bytes": rss, "worker_cpu_seconds": t.user + t.system}
+
+
 def close_fds(fds) -> None:
     for fd in fds:
         try:
@@ -5126,7 +5244,7 @@ def close_fds(fds) -> None:
 
 def adopt_client_socket(fd: int):
     """Wrap a received fd as a non-blocking socket, or close it and return None
-    if it is not a connected stream socket (SPEC §1: bad_fd)."""
+    if it is not a connected stream socket (handoff error bad_fd)."""
     try:
         sock = socket.socket(fileno=fd)
     except OSError:
@@ -5158,7 +5276,7 @@ def adopt_client_socket(fd: int):
 
 
 def remove_stale_socket(path: str, sock_type: int) -> None:
-    """SPEC §1: refuse a non-socket or a live daemon's socket; unlink a stale one."""
+    """Refuse a non-socket or a live daemon's socket; unlink a stale one."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -5406,6 +5524,12 @@ def cmd_send(argv) -> int:
     p.add_argument("--data", default="", help="handoff data (JSON) to send as-is, PROMPT merged in")
     p.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds")
     p.add_argument("--quiet", action="store_true", help="print only the summary line")
+    p.add_argument("--retries", type=int, default=0, metavar="N",
+                   help="retry up to N times before the first byte of a stream: when the daemon cannot be "
+                        "reached (restarting) or answers 503 (at capacity, draining), waiting with "
+                        "exponential backoff and full jitter, or the 503's Retry-After (default: 0)")
+    p.add_argument("--retry-base", type=float, default=0.2, metavar="S",
+                   help="the first retry waits up to S seconds, doubling each time up to 5 s (default: 0.2)")
     a = p.parse_args(argv)
     data = a.data.encode()
     if a.prompt is not None:
@@ -5417,58 +5541,109 @@ def cmd_send(argv) -> int:
             p.error("--data: expected a JSON object to merge PROMPT into")
         obj["prompt"] = a.prompt
         data = json.dumps(obj).encode()
-    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    t0 = time.monotonic()
-    try:
-        send_handoff(a.socket, data, theirs.fileno(), a.socket_type)
-    except OSError as e:
-        print("streamd send: cannot hand off to %s: %s" % (a.socket, e.strerror or e), file=sys.stderr)
-        return 3
-    finally:
-        theirs.close()
-    reader = StreamReader()
-    ttfb = None
-    mine.settimeout(a.timeout)
-    out = sys.stdout
-    total = 0
-    try:
-        while True:
-            chunk = mine.recv(65536)
-            if not chunk:
+    return Sender(a, data).run()
+
+
+class Sender:
+    """`streamd.py send`: hand off, print the response; retry what may succeed
+    a moment later, but only before the first byte of a stream."""
+
+    def __init__(self, args, data: bytes):
+        self.a, self.data = args, data
+        self.t0 = time.monotonic()
+        self.retries = 0
+        self.status = 1  # the exit status
+
+    def run(self) -> int:
+        for attempt in range(self.a.retries + 1):
+            wait = self.attempt(final=attempt == self.a.retries)
+            if wait is None:
                 break
-            if ttfb is None:
-                ttfb = time.monotonic() - t0
-            total += len(chunk)
-            had_head = reader.status is not None
+            wait = wait or random_backoff(self.a.retry_base, attempt)
+            print("streamd send: retrying in %.2fs (%d of %d)" % (wait, attempt + 1, self.a.retries), file=sys.stderr)
+            time.sleep(wait)
+            self.retries += 1
+        return self.status
+
+    def attempt(self, final: bool):
+        """One handoff and its response.  None when that is the result; else
+        the wait before the next try (0: backoff), for a daemon that could not
+        be reached (restarting) or answered 503 (at capacity, draining)."""
+        a = self.a
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            send_handoff(a.socket, self.data, theirs.fileno(), a.socket_type)
+        except OSError as e:
+            mine.close()
+            print("streamd send: cannot hand off to %s: %s" % (a.socket, e.strerror or e), file=sys.stderr)
+            self.status = 3
+            return None if final else 0
+        finally:
+            theirs.close()
+        reader = StreamReader()
+        ttfb = None
+        mine.settimeout(a.timeout)
+        out = sys.stdout
+        total = 0
+        try:
+            while True:
+                chunk = mine.recv(65536)
+                if not chunk:
+                    break
+                if ttfb is None:
+                    ttfb = time.monotonic() - self.t0
+                total += len(chunk)
+                had_head = reader.status is not None
+                try:
+                    events = reader.feed(chunk)
+                except ValueError as e:
+                    print("streamd send: %s" % e, file=sys.stderr)
+                    self.status = 1
+                    return None
+                if reader.status == 503 and not final:
+                    continue  # (read it whole: its Retry-After says how long to wait)
+                if not a.quiet:
+                    if not had_head and reader.status is not None:
+                        out.write("HTTP %d\n" % reader.status)
+                    for ev in events:
+                        out.write(ev + "\n")
+                    out.flush()
+        except socket.timeout:
+            print("streamd send: no data for %gs" % a.timeout, file=sys.stderr)
+        finally:
+            mine.close()
+        if reader.status == 503 and not final:
             try:
-                events = reader.feed(chunk)
-            except ValueError as e:
-                print("streamd send: %s" % e, file=sys.stderr)
-                return 1
-            if not a.quiet:
-                if not had_head and reader.status is not None:
-                    out.write("HTTP %d\n" % reader.status)
-                for ev in events:
-                    out.write(ev + "\n")
-                out.flush()
-    except socket.timeout:
-        print("streamd send: no data for %gs" % a.timeout, file=sys.stderr)
-    finally:
-        mine.close()
-    elapsed = time.monotonic() - t0
-    if reader.status not in (None, 200) and not a.quiet:
-        out.write(reader.body.decode("utf-8", "replace") + "\n")
-    done = bool(reader.events) and reader.events[-1] == "data: [DONE]"
-    print("status=%s events=%d bytes=%d ttfb_ms=%s total_ms=%.1f outcome=%s" % (
-        reader.status, len(reader.events), total, "%.1f" % (ttfb * 1000) if ttfb is not None else "-",
-        elapsed * 1000, "done" if done else "incomplete"), file=sys.stderr)
-    return 0 if done else 1
+                return min(5.0, float((reader.headers or {}).get("Retry-After", 0)))
+            except ValueError:
+                return 0
+        elapsed = time.monotonic() - self.t0
+        if reader.status not in (None, 200) and not a.quiet:
+            out.write(reader.body.decode("utf-8", "replace") + "\n")
+        done = bool(reader.events) and reader.events[-1] == "data: [DONE]"
+        print("status=%s events=%d bytes=%d ttfb_ms=%s total_ms=%.1f retries=%d outcome=%s" % (
+            reader.status, len(reader.events), total, "%.1f" % (ttfb * 1000) if ttfb is not None else "-",
+            elapsed * 1000, self.retries, "done" if done else "incomplete"), file=sys.stderr)
+        self.status = 0 if done else 1
+        return None
+
+
+def random_backoff(base: float, attempt: int, cap: float = 5.0) -> float:
+    """Full jitter: a random wait up to base * 2**attempt (at most cap), so
+    that many clients retrying at once spread out."""
+    import random
+    return random.uniform(0, min(cap, base * 2 ** attempt))
 
 
 def cmd_demo(argv) -> int:
     """Start a daemon on a temporary socket, stream one request, stop it."""
     import subprocess
     import tempfile
+    if "-h" in argv or "--help" in argv:
+        print("usage: streamd.py demo [OPTIONS]\n\nStart a streamd daemon on a temporary socket, hand it one "
+              "connection as Apache would, print the stream, stop the daemon.\nOPTIONS are the daemon's own "
+              "(see streamd.py --help), e.g. --message-delay 10ms or --backend typing.")
+        return 0
     with tempfile.TemporaryDirectory(prefix="streamd-demo-") as tmp:
         path = os.path.join(tmp, "streamd.sock")
         # Wait for READY=1 on our own notify socket, the way systemd does.
@@ -5503,7 +5678,7 @@ def build_arg_parser():
 
     class Parser(argparse.ArgumentParser):
         def error(self, message):
-            # One line naming the problem, exit status 2 (SPEC §7).
+            # One line naming the problem, exit status 2.
             self.exit(2, "streamd: %s\n" % message)
 
     p = Parser(prog="streamd.py", description=(
@@ -5516,16 +5691,34 @@ def build_arg_parser():
     for o in OPTIONS:
         if o.flag is None:
             continue  # (config file only: a mapping)
-        if o.parse is p_bool:
-            p.add_argument(o.flag, dest=o.key, action="store_const", const="true",
-                           default=argparse.SUPPRESS, help=o.help)
+        env = "; env %s" % o.env if o.env else ""
+        text = "%s (config: %s%s; default: %s)" % (o.help, o.key, env, shown_default(o))
+        if o.parse is p_bool:  # --benchmark, or --openai-stream-usage false
+            p.add_argument(o.flag, dest=o.key, nargs="?", const="true", metavar="true|false",
+                           default=argparse.SUPPRESS, help=text)
         elif o.parse is p_addrs:  # repeatable: --listen A --listen B
             p.add_argument(o.flag, dest=o.key, metavar="HOST:PORT", action="append",
-                           default=argparse.SUPPRESS, help="%s (config: %s)" % (o.help, o.key))
+                           default=argparse.SUPPRESS, help=text)
         else:
             p.add_argument(o.flag, dest=o.key, metavar=o.flag.strip("-").split("-")[-1].upper(),
-                           default=argparse.SUPPRESS, help="%s (config: %s)" % (o.help, o.key))
+                           default=argparse.SUPPRESS, help=text.replace("%", "%%"))
     return p
+
+
+def shown_default(o: Option) -> str:
+    """An option's default as one writes it: 50ms, 64KiB, 0660, "" ..."""
+    v = o.default
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if o.parse is p_size:
+        return "%dMiB" % (v >> 20) if v % (1 << 20) == 0 else "%dKiB" % (v >> 10) if v % 1024 == 0 else str(v)
+    if o.parse is p_mode:
+        return "%04o" % v
+    if isinstance(v, float):
+        return "%gms" % (v * 1000) if v < 1 else "%gs" % v
+    if isinstance(v, list):
+        return ",".join(v) or "none"
+    return '""' if v == "" else str(v)
 
 
 def supervise(cfg: dict, flags: dict, env: dict) -> int:

@@ -9,7 +9,7 @@ non-blocking, by yielding "readable"/"writable" operations to the loop.
 
 Why not urllib3's response object: after getresponse() the first SSE bytes
 already sit in http.client's buffer, its reads block, and a TLS socket hides
-decrypted bytes from select() (research/upstreams.md §6).  So after the
+decrypted bytes from select().  So after the
 handshake we read the raw socket ourselves, and drain TLS until want-read.
 
 Pure pieces first (SSEParser, ChunkedDecoder, parse_head): bytes in, values out.
@@ -423,6 +423,17 @@ def _readable(sock) -> bool:
 
 
 _targets = {}
+
+
+def pool_summary() -> str:
+    """Each upstream's pooled connections, for the SIGUSR1 state line:
+    host idle=N h2=connections/streams."""
+    out = []
+    for t in _targets.values():
+        muxes = getattr(t, "h2", ())
+        out.append("%s idle=%d h2=%d/%d" % (t.host_header, len(t.idle), len(muxes),
+                                            sum(len(m.streams) for m in muxes)))
+    return "; ".join(out)
 
 
 def close_all() -> None:

@@ -3,7 +3,8 @@
 Sends   POST {api_base}/chat/completions with "stream": true: the messages
         (an assistant's tool_calls and "tool" results as they are), tools and
         tool_choice as they are, attachments as content parts (image_url and
-        file data URLs), stream_options.include_usage when usage is asked for.
+        file data URLs), stream_options.include_usage (unless
+        backend.openai.stream_usage is off and the handoff did not ask for usage).
 Reads   one JSON chunk per SSE event: choices[0].delta.content (text), .refusal
         (text), .reasoning_content / .reasoning (the reasoning that DeepSeek-,
         vLLM- and OpenRouter-style vendors stream), .tool_calls (pieces, by
@@ -63,7 +64,7 @@ def request_body(req, cfg):
         body["tools"] = req.tools
         if req.tool_choice is not None:
             body["tool_choice"] = req.tool_choice
-    if req.include_usage:
+    if req.include_usage or cfg["backend.openai.stream_usage"]:
         body["stream_options"] = {"include_usage": True}
     return body
 

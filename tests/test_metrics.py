@@ -241,3 +241,19 @@ def test_merge_snapshots():
     assert m["gauges"]["peak_streams"] == 7 and m["labeled"]["handoff_errors"] == {"no_fd": 3}
     assert sum(m["histograms"]["stream_duration"][0]) == 2 and m["histograms"]["stream_duration"][1] == 1.0
     assert m["backend_histograms"]["backend_ttfb"]["mock"][1] == 0.002
+
+
+def test_tokens_build_info_and_every_handoff_reason(daemon_proc):
+    d = daemon_proc("--metrics-addr", "127.0.0.1:0", "--message-delay", "1ms")
+    port = metrics_port(d)
+    c = handoff_pair(d.path, b'{"prompt": "three words here"}')
+    assert read_until_eof(c).endswith(b"data: [DONE]\n\n")
+    c.close()
+    d.wait_log('msg="stream done"')
+    fams = scrape(port)
+    assert value(fams, "daemon_tokens_total", backend="mock", kind="prompt") == 3  # the mock counts words
+    assert value(fams, "daemon_tokens_total", backend="mock", kind="completion") > 100
+    info = [s for s in fams["streamd_build_info"].samples][0]
+    assert info.value == 1 and info.labels["version"] == streamd.__version__ and info.labels["python"].count(".") == 2
+    for reason in streamd.HANDOFF_REASONS:
+        assert value(fams, "daemon_handoff_errors_total", reason=reason) == 0

@@ -1,5 +1,6 @@
 """The daemon as a real process: signals, drain, reload, systemd, the CLI."""
 import json
+import re
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import threading
 import pytest
 
 from conftest import STREAMD, handoff_pair, read_until_eof, raw_handoff
+import streamd
 
 
 def run_cli(*args, env=None, timeout=30):
@@ -33,7 +35,7 @@ def test_mock_runs_from_a_lone_copy_without_site_packages(tmp_path):
     notify.bind(str(tmp_path / "n"))
     notify.settimeout(10)
     proc = subprocess.Popen([sys.executable, "-S", str(lone / "streamd.py"), "--socket", sock,
-                             "--message-delay", "1ms"], cwd=str(lone),
+                             "--message-delay", "1ms", "--metrics-addr", "127.0.0.1:0"], cwd=str(lone),
                             env={"NOTIFY_SOCKET": str(tmp_path / "n"), "PATH": os.environ["PATH"]},
                             stderr=subprocess.PIPE)
     try:
@@ -335,3 +337,98 @@ def test_no_fd_leak_in_daemon_process(daemon_proc):
     d.wait_log("reason=no_fd")
     d.wait_log("reason=bad_fd")
     assert d.fd_count() == base
+
+
+def test_sigusr1_logs_the_state(daemon_proc):
+    d = daemon_proc("--message-delay", "10s")
+    c = handoff_pair(d.path, b'{"prompt": "x"}')
+    d.wait_log('msg="stream done"', count=0)
+    import time
+    end = time.monotonic() + 10
+    while True:  # (the stream has started once its first event arrived)
+        try:
+            if c.recv(4096):
+                break
+        except BlockingIOError:
+            pass
+        assert time.monotonic() < end
+        time.sleep(0.02)
+    d.signal(signal.SIGUSR1)
+    d.wait_log('msg=state')
+    line = [l for l in d.logs().splitlines() if "msg=state" in l][0]
+    assert "connections=1" in line and "states=streaming:1" in line and "streams=mock:1" in line
+    assert "max_loop_lag_ms=" in line and "fds=" in line and d.proc.poll() is None
+    c.close()
+
+
+@pytest.mark.parametrize("command", [[], ["serve"], ["send"], ["demo"]])
+def test_every_help_exits_0(command):
+    out = subprocess.run([sys.executable, STREAMD] + command + ["--help"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.startswith("usage: streamd.py")
+
+
+def test_help_shows_every_default():
+    out = subprocess.run([sys.executable, STREAMD, "--help"], capture_output=True, text=True, timeout=30).stdout
+    flat = "".join(out.split())  # (argparse wraps lines, at hyphens too)
+    for o in streamd.OPTIONS:
+        if o.flag:
+            assert "config:%s" % o.key in flat and "default:%s)" % streamd.shown_default(o).replace(" ", "") in flat, o.key
+    assert "default:50ms)" in flat and "default:64KiB)" in flat and "default:0660)" in flat
+
+
+def test_under_journald_each_line_starts_with_its_priority(tmp_path):
+    """systemd's JOURNAL_STREAM names our stderr: a syslog priority prefix per
+    line (<3> error, <4> warning, <6> info), so journalctl -p works."""
+    log = tmp_path / "journal"
+    with open(log, "wb") as f:
+        st = os.fstat(f.fileno())
+        env = dict(os.environ, JOURNAL_STREAM="%d:%d" % (st.st_dev, st.st_ino))
+        out = subprocess.run([sys.executable, STREAMD, "--socket", str(tmp_path / "s"), "--metrics-addr", "",
+                              "--config", str(tmp_path / "missing.yaml")], stderr=f, env=env, timeout=30)
+    assert out.returncode == 2  # (a config error is printed before logging is set up: no prefix)
+    f = tmp_path / "c.yaml"
+    f.write_text("server:\n  pprof_addr: localhost:6060\n")
+    with open(log, "wb") as out_f:
+        st = os.fstat(out_f.fileno())
+        env = dict(os.environ, JOURNAL_STREAM="%d:%d" % (st.st_dev, st.st_ino))
+        p = subprocess.Popen([sys.executable, STREAMD, "--socket", str(tmp_path / "s"), "--metrics-addr", "",
+                              "--config", str(f)], stderr=out_f, env=env)
+        import time
+        end = time.monotonic() + 20
+        while b"msg=ready" not in log.read_bytes():
+            assert time.monotonic() < end
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        p.wait(30)
+    lines = log.read_text().splitlines()
+    assert lines and all(re.match(r"<[2-7]>ts=", line) for line in lines), lines
+    assert any(line.startswith("<4>") and "pprof_addr: ignored" in line for line in lines)
+    assert any(line.startswith("<6>") and "msg=ready" in line for line in lines)
+
+
+def test_send_retries_until_the_daemon_is_there(tmp_path):
+    """--retries: a daemon that is not listening yet (a restart) is tried again
+    with backoff; the summary line says how many retries it took."""
+    sock = str(tmp_path / "late.sock")
+    send = subprocess.Popen([sys.executable, STREAMD, "send", "--socket", sock, "--retries", "40",
+                             "--retry-base", "0.05", "--quiet", "hi"], stderr=subprocess.PIPE, text=True)
+    first = send.stderr.readline() + send.stderr.readline()  # the first failure, and its "retrying in"
+    assert "cannot hand off" in first and "retrying in" in first
+    d = subprocess.Popen([sys.executable, STREAMD, "--socket", sock, "--metrics-addr", "", "--message-delay", "1ms"],
+                         stderr=subprocess.DEVNULL)
+    try:
+        err = first + send.communicate(timeout=60)[1]
+    finally:
+        d.send_signal(signal.SIGTERM)
+        d.wait(30)
+    assert send.returncode == 0, err
+    summary = err.strip().splitlines()[-1]
+    retries = int(re.search(r"retries=(\d+)", summary).group(1))
+    assert summary.startswith("status=200 ") and summary.endswith("outcome=done") and retries >= 1
+    assert err.count("retrying in") == retries
+
+
+def test_send_without_retries_fails_at_once(tmp_path):
+    out = subprocess.run([sys.executable, STREAMD, "send", "--socket", str(tmp_path / "none.sock"), "hi"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 3 and "retrying" not in out.stderr

@@ -129,3 +129,12 @@ def test_workers_exit_when_the_supervisor_is_killed(daemon_proc):
             return True
     for pid in pids:
         wait_for(lambda: gone(pid))
+
+
+def test_each_workers_own_fds_memory_and_cpu(daemon_proc):
+    """process_* describe the parent: the fullest worker is what an fd alert must watch."""
+    d, port = start(daemon_proc)
+    for w in ("0", "1"):
+        wait_for(lambda: (metric(port, "daemon_worker_open_fds{worker=\"%s\"}" % w) or 0) > 3)
+        assert metric(port, 'daemon_worker_resident_memory_bytes{worker="%s"}' % w) > 1 << 20
+        assert metric(port, 'daemon_worker_cpu_seconds_total{worker="%s"}' % w) >= 0  # (10 ms ticks: may be 0 yet)
