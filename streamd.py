@@ -654,8 +654,13 @@ def _flatten(tree, path: str, prefix: str = "", warnings=None) -> dict:
 
 
 def _shown(value) -> str:
-    """A value in an error message: repr, cut to one short line."""
-    shown = repr(value)
+    """A value in an error message: its repr, cut to one short line.  reprlib
+    stops at a few items and levels: a YAML alias bomb (a 477-byte file that
+    expands to billions of items) is not expanded to be shown."""
+    import reprlib
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 3, 4, 4, 60, 60
+    shown = r.repr(value)
     return shown if len(shown) <= 80 else shown[:60] + "...(%d characters)" % len(shown)
 
 
@@ -965,9 +970,9 @@ class Message:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 # Limits on what a client's JSON may be (handoff data, a POST body, a
-# WebSocket message, ?messages=).  Python's json would recurse until
-# RecursionError on "[[[[…", and int() of a 5,000-digit number raises (and is
-# slow): both are refused before they can cost anything.
+# WebSocket message, ?messages=, a tool call's arguments).  Python's json
+# recurses until RecursionError on "[[[[…", and int() of a 5,000-digit number
+# raises (and is slow): both are refused before they can cost anything.
 MAX_JSON_DEPTH = 64
 MAX_INT_DIGITS = 40
 MAX_MESSAGES = 1000     # entries in `messages`
@@ -1163,13 +1168,17 @@ def _parse_attachments(obj: dict, req) -> None:
             raise _bad(field, "an object of strings {ref: %s}" % ("file name" if field == "attachments" else "MIME type"), v)
         if len(v) > MAX_ATTACHMENTS:
             raise ProtocolError(400, "%s: more than %d entries" % (field, MAX_ATTACHMENTS))
-        for ref in v:
+        for ref, x in v.items():
             if not _REF.fullmatch(ref):
                 raise ProtocolError(400, "%s: ref %r is not a name (letters, digits, _.-)" % (field, ref[:64]))
+            if not _check_path(x):
+                raise ProtocolError(400, "%s: %s: expected %s" % (field, ref, _PATH))
         setattr(req, field, v)
     paths = obj.get("image_paths") or ([obj["image_path"]] if isinstance(obj.get("image_path"), str) else [])
     if not (isinstance(paths, list) and len(paths) <= MAX_ATTACHMENTS and all(isinstance(p, str) for p in paths)):
         raise _bad("image_paths", "a list of at most %d file paths in data_dir" % MAX_ATTACHMENTS, paths)
+    if not all(_check_path(p) for p in paths):
+        raise ProtocolError(400, "image_paths: expected %s" % _PATH)
     req.image_paths = paths or None
     images = obj.get("images")
     if isinstance(obj.get("image_base64"), str):
@@ -1190,6 +1199,11 @@ def _parse_attachments(obj: dict, req) -> None:
 
 
 MAX_ATTACHMENTS = 32
+_PATH = "a file path of at most 4096 characters, without NUL or a lone surrogate"
+
+
+def _check_path(v) -> bool:
+    return isinstance(v, str) and 0 < len(v) <= 4096 and "\0" not in v and not _SURROGATE.search(v)
 _REF = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 
@@ -1198,10 +1212,6 @@ class ClientJSONError(ValueError):
     """JSON we refuse although Python would parse it: NaN, Infinity, a number
     too large for a float (1e400), an integer longer than MAX_INT_DIGITS, or
     nesting deeper than MAX_JSON_DEPTH."""
-
-
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 
 def _not_json(name):
@@ -1221,22 +1231,19 @@ def _bounded_int(text):
     return int(text)
 
 
-def json_too_deep(data, limit: int = MAX_JSON_DEPTH) -> bool:
-    """Do arrays and objects in this JSON text nest deeper than `limit`?
-    Brackets inside strings do not count.  The scan runs only when there are
-    more brackets than the limit at all (never, for a usual handoff)."""
-    if isinstance(data, str):
-        data = data.encode("utf-8", "surrogatepass")
-    if data.count(b"[") + data.count(b"{") <= limit:
-        return False
-    depth = 0
-    for c in _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS):
-        if c == 91 or c == 123:  # [ {
-            depth += 1
-            if depth > limit:
-                return True
-        else:
-            depth -= 1
+def json_depth_over(obj, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Do the arrays and objects of a parsed value nest deeper than `limit`?
+    A walk with a stack (no recursion), so its cost is the number of values."""
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            value = value.values()
+        elif not isinstance(value, list):
+            continue
+        if depth > limit:
+            return True
+        stack.extend((v, depth + 1) for v in value if isinstance(v, (dict, list)))
     return False
 
 
@@ -1249,9 +1256,16 @@ def loads_client_json(data):
         # UTF-8 only: json.loads(bytes) would also take UTF-16 and UTF-32
         # (by their BOM) and UTF-8-encoded surrogates.
         data = data.decode("utf-8")
-    if json_too_deep(data):
+    try:
+        obj = json.loads(data, parse_constant=_not_json, parse_float=_finite, parse_int=_bounded_int)
+    except RecursionError:  # (the C decoder gives up cleanly, at Python's recursion limit)
+        obj = None
+        deep = True
+    else:  # (more brackets than the limit at all is rare: only then walk the value)
+        deep = data.count("[") + data.count("{") > MAX_JSON_DEPTH and json_depth_over(obj)
+    if deep:
         raise ClientJSONError("nested deeper than %d levels (the limit)" % MAX_JSON_DEPTH)
-    return json.loads(data, parse_constant=_not_json, parse_float=_finite, parse_int=_bounded_int)
+    return obj
 
 
 def parse_handoff(data: bytes) -> Request:
@@ -1471,15 +1485,18 @@ def read_attachments(req, cfg) -> dict:
     for req.attachments (and the legacy req.image_paths); AttachmentError
     (400) for a path outside data_dir, a missing or special file, an
     unsupported type, invalid UTF-8 text, or a size over the limits."""
+    root = cfg["server.data_dir"]
+    names = _named_files(req, root)
+    try:
+        return _read_all(names, req, cfg)
+    except AttachmentError:
+        discard_attachments(req, cfg)  # (the ones not read yet: nobody else will)
+        raise
+
+
+def _read_all(names: dict, req, cfg) -> dict:
     import base64
     root = cfg["server.data_dir"]
-    names = dict(req.attachments or {})
-    for i, path in enumerate(req.image_paths or ()):
-        if path.startswith("/"):  # the Go daemon took absolute paths here: inside data_dir only
-            if not path.startswith(root.rstrip("/") + "/"):
-                raise AttachmentError("image_paths[%d]" % i, "outside data_dir")
-            path = path[len(root.rstrip("/")) + 1:]
-        names.setdefault("image_paths[%d]" % i, path)
     types = req.attachment_types or {}
     total, out = 0, {}
     for ref, path in names.items():
@@ -1508,15 +1525,16 @@ def _type_by_extension(path: str) -> str:
     return TEXT_TYPES.get(ext) or IMAGE_TYPES.get(ext) or DOCUMENT_TYPES.get(ext) or ""
 
 
-def _read_inside(root: str, path: str, ref: str, limit: int) -> bytes:
-    """Read data_dir/path, walking the path one component at a time with
-    O_NOFOLLOW (no component may be "..", empty or a symlink), then delete it."""
+def _walk_to(root: str, path: str, ref: str):
+    """(fd of the directory that holds `path`'s file, the file's name): each
+    component of data_dir/path opened relative to the one before with
+    O_NOFOLLOW, none of them "..", "." or empty.  The caller closes the fd."""
     parts = path.split("/")
     if path.startswith("/") or any(p in ("", ".", "..") for p in parts):
         raise AttachmentError(ref, "the path must be a file name inside data_dir (no '..', not absolute)")
     flags = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
     try:
-        d = os.open(root, flags | os.O_DIRECTORY)
+        d = os.open(root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))  # (data_dir itself may be a link)
     except OSError as e:
         raise AttachmentError(ref, "data_dir cannot be opened: %s" % e.strerror) from None
     try:
@@ -1528,8 +1546,18 @@ def _read_inside(root: str, path: str, ref: str, limit: int) -> bytes:
                     errno.ELOOP, errno.ENOTDIR) else "cannot open: %s" % e.strerror) from None
             os.close(d)
             d = nd
+    except BaseException:
+        os.close(d)
+        raise
+    return d, parts[-1]
+
+
+def _read_inside(root: str, path: str, ref: str, limit: int) -> bytes:
+    """Read data_dir/path (see _walk_to), a regular file with one link, then delete it."""
+    d, name = _walk_to(root, path, ref)
+    try:
         try:
-            fd = os.open(parts[-1], flags | os.O_NONBLOCK, dir_fd=d)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), dir_fd=d)
         except OSError as e:
             raise AttachmentError(ref, "not found" if e.errno == errno.ENOENT else "a symlink"
                                   if e.errno == errno.ELOOP else "cannot open: %s" % e.strerror) from None
@@ -1537,8 +1565,10 @@ def _read_inside(root: str, path: str, ref: str, limit: int) -> bytes:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise AttachmentError(ref, "not a regular file")
+            if st.st_nlink > 1:  # (a hard link could point at a file that lives elsewhere)
+                raise AttachmentError(ref, "a file with more than one link")
             if st.st_size > limit:
-                _unlink(parts[-1], d)
+                _unlink(name, d)
                 raise AttachmentError(ref, "%d bytes, over the limit of %d" % (st.st_size, limit))
             chunks, n = [], 0
             while True:
@@ -1547,15 +1577,43 @@ def _read_inside(root: str, path: str, ref: str, limit: int) -> bytes:
                     break
                 n += len(chunk)
                 if n > limit:  # (it grew while we read)
-                    _unlink(parts[-1], d)
+                    _unlink(name, d)
                     raise AttachmentError(ref, "over the limit of %d bytes" % limit)
                 chunks.append(chunk)
         finally:
             os.close(fd)
-        _unlink(parts[-1], d)  # read: PHP's file is ours to remove
+        _unlink(name, d)  # read: PHP's file is ours to remove
         return b"".join(chunks)
     finally:
         os.close(d)
+
+
+def discard_attachments(req, cfg) -> None:
+    """Delete what a handoff named and streamd will not read (it was refused,
+    or another of its attachments was): best effort, inside data_dir only.
+    Runs on a helper thread."""
+    root = cfg["server.data_dir"]
+    for ref, path in _named_files(req, root).items():
+        try:
+            d, name = _walk_to(root, path, ref)
+        except AttachmentError:
+            continue
+        try:
+            _unlink(name, d)
+        finally:
+            os.close(d)
+
+
+def _named_files(req, root: str) -> dict:
+    """{ref: path relative to data_dir} of the attachments and the legacy
+    image_paths (the Go daemon took absolute paths there, inside data_dir;
+    one outside stays absolute, and _walk_to refuses it)."""
+    names = dict(req.attachments or {})
+    for i, path in enumerate(req.image_paths or ()):
+        if path.startswith(root.rstrip("/") + "/"):
+            path = path[len(root.rstrip("/")) + 1:]
+        names.setdefault("image_paths[%d]" % i, path)
+    return names
 
 
 def _unlink(name: str, dir_fd: int) -> None:
@@ -1567,14 +1625,16 @@ def _unlink(name: str, dir_fd: int) -> None:
 
 def place_attachments(text: str, files: dict, images) -> list:
     """The parts of the last user message: `{ref}` in its text replaced by
-    that attachment (text inline, images and documents as parts); a `{name}`
+    that attachment (text inline, images and documents as parts), at its
+    first placeholder only (a later `{ref}` of the same one stays as it is: a
+    prompt of 30,000 placeholders must not become 30,000 copies); a `{name}`
     that is no attachment stays literal text; attachments the text does not
     mention, then inline images, come before the text."""
     placed, parts = set(), []
     pos = 0
     for m in _PLACEHOLDER.finditer(text):
         ref = m.group(1)
-        if ref not in files:
+        if ref not in files or ref in placed:
             continue
         parts.append(("text", text[pos:m.start()]))
         parts.append(_part(files[ref]))
@@ -1583,15 +1643,17 @@ def place_attachments(text: str, files: dict, images) -> list:
     parts.append(("text", text[pos:]))
     before = [_part(f) for ref, f in files.items() if ref not in placed]
     before += [("image", mime, b64) for mime, b64 in images]
-    out = []
-    for p in before + parts:  # merge neighbouring text; drop empty text
+    out, texts = [], []  # neighbouring text is joined (once: "".join, not + in a loop)
+    for p in before + parts:
         if p[0] == "text":
-            if not p[1]:
-                continue
-            if out and out[-1][0] == "text":
-                out[-1] = ("text", out[-1][1] + p[1])
-                continue
+            texts.append(p[1])
+            continue
+        if texts and "".join(texts):
+            out.append(("text", "".join(texts)))
+        texts = []
         out.append(p)
+    if texts and "".join(texts):
+        out.append(("text", "".join(texts)))
     return out or [("text", "")]
 
 
@@ -1605,8 +1667,11 @@ def _part(f):
 def files_first(run, req, cfg):
     """A backend generator that first reads the attachments (on a helper
     thread), then runs `run`.  Every backend gets them this way, the mock
-    too: the files are deleted whichever backend serves the request."""
-    req.files = yield ("call", lambda: read_attachments(req, cfg), ATTACHMENT_READ_TIMEOUT, None)
+    too: the files are deleted whichever backend serves the request (and
+    Daemon.release discards them for a request that never got this far)."""
+    req.files = {}  # (claimed: from here the files are read or discarded by this)
+    req.files = yield ("call", lambda: read_attachments(req, cfg), ATTACHMENT_READ_TIMEOUT,
+                       None)
     return (yield from run(req, cfg))
 
 
@@ -3476,7 +3541,7 @@ class HTTPFront:
         try:
             stream_req = self.stream_request(req)
             if stream_req is not None:
-                d.check_backend(stream_req)
+                self.check_request(stream_req)
         except ProtocolError as e:
             self.refuse(conn, 400, str(e), "bad_request")
             return
@@ -3491,6 +3556,15 @@ class HTTPFront:
                 conn.t_life = d.timers.call_later(d.cfg["http.request_timeout"], HTTPFront.request_timed_out, conn)
                 return
         d.admit(conn, stream_req, "request")
+
+    def check_request(self, req: Request) -> None:
+        """A handoff's checks, and one of the front's own: a client of the front
+        may not name files in data_dir (they are PHP's, written for handoffs:
+        another user's, maybe); inline images are fine."""
+        self.daemon.check_backend(req)
+        if req.attachments or req.image_paths:
+            raise ProtocolError(400, "attachments: files in data_dir can only be named by a handoff from "
+                                "Apache; send images inline (images: [{base64, mime_type}])")
 
     def stream_request(self, req: HTTPRequest):
         """The stream's Request, from a POST body (the handoff data's JSON) or
@@ -3692,7 +3766,7 @@ class HTTPFront:
         conn.t_life = None
         try:
             req = parse_handoff(payload)
-            d.check_backend(req)
+            self.check_request(req)
         except ProtocolError as e:
             self.refuse(conn, 400, str(e), "bad_request")
             return
@@ -3943,6 +4017,7 @@ class Daemon(LoopBase):
         self.listener = None
         self.listener_owned = None  # (path, inode) when we created the socket file
         self.accept_paused = False
+        self.pauses, self.pause_logged = 0, -math.inf  # (for pause_accepting's log line)
         self.draining = False
         self.t_drain = None
         self.report_sock = None  # in a worker: where its metrics snapshots go
@@ -4068,21 +4143,34 @@ class Daemon(LoopBase):
         in the backlog and would wake us again at once, so retrying immediately
         would spin the loop at 100% CPU."""
         budget = self.accept_batch
+        spared = False  # a spare was just closed to make room for this accept
         while budget and listener.fileno() >= 0:  # (a handler may close it: a drain)
             budget -= 1
+            if not spared and not self.reserve.refill() and not self.reserve.spares:
+                # Not one spare fd: a handoff taken in now could lose its client's
+                # socket at recvmsg.  Leave them in the backlog a moment.
+                self.pause_accepting(OSError(errno.EMFILE, "no spare file descriptor"))
+                return
             try:
                 sock, addr = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE) and self.reserve.release():
-                    continue  # a spare slot: take this one in, to answer it 503 (see FdReserve)
+                # At the fd limit: take one in with a spare slot, to answer it 503,
+                # only while both spares are there (the second is for its client's
+                # fd: without it that socket would be lost, see FdReserve); else
+                # wait, the handoffs stay in the backlog.
+                if not spared and e.errno in (errno.EMFILE, errno.ENFILE) \
+                        and len(self.reserve.spares) == FdReserve.SPARES and self.reserve.release():
+                    spared = True
+                    continue
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     self.pause_accepting(e)
                     return
                 if e.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
                 raise
+            spared = False
             sock.setblocking(False)
             conn = Connection(self, sock, next(self.ids))
             self.conns.add(conn)
@@ -4105,8 +4193,13 @@ class Daemon(LoopBase):
                                                  Daemon.handoff_timeout, conn)
 
     def pause_accepting(self, exc: OSError) -> None:
-        log(logging.WARNING, "accept paused: out of file descriptors", error=exc.strerror,
-            connections=len(self.conns))
+        # (At a sustained limit this comes every 100 ms: one line per 10 s.)
+        self.pauses += 1
+        now = self.clock()
+        if now - self.pause_logged >= 10.0:
+            log(logging.WARNING, "accept paused: out of file descriptors", error=exc.strerror,
+                connections=len(self.conns), pauses=self.pauses)
+            self.pauses, self.pause_logged = 0, now
         self.stats.handoff_errors["emfile"] += 1
         for s in self.listeners():
             self.selector.unregister(s)
@@ -4291,10 +4384,13 @@ class Daemon(LoopBase):
             conn.respond_error(413, "handoff data is larger than %d bytes" % self.cfg["server.max_handoff_bytes"],
                                outcome="too_large")
             return
+        req = None
         try:
             req = parse_handoff(data)
             self.check_backend(req)
         except ProtocolError as e:
+            if req is not None:
+                conn.req = req  # (refused: release() discards the files it named)
             self.stats.handoff_errors[e.reason] += 1
             log(logging.INFO, "handoff rejected", conn=conn.id, reason=e.reason, error=str(e))
             conn.respond_error(e.status, str(e), outcome=e.reason)
@@ -4351,17 +4447,25 @@ class Daemon(LoopBase):
             br = self.breakers[name] = Breaker(name)
         return br
 
+    @staticmethod
+    def circuit(conn: Connection) -> str:
+        """Whose circuit breaker a stream counts for: its backend, or the
+        backend's profile (one failing upstream must not shut out the others)."""
+        profile = conn.req.profile if conn.req is not None else None
+        return "%s/%s" % (conn.backend_name, profile) if profile else conn.backend_name
+
     def start_stream(self, conn: Connection) -> None:
         conn.backend_name = conn.req.backend or self.cfg["backend.provider"]
-        br = self.breaker(conn.backend_name)
+        circuit = self.circuit(conn)
+        br = self.breaker(circuit)
         now = self.clock()
         if not br.allow(now, self.cfg, conn):
-            self.stats.circuit_open[conn.backend_name] = 1
+            self.stats.circuit_open[circuit] = 1
             conn.respond_error(503, "backend %r is failing; not trying it for now (circuit open)"
-                               % conn.backend_name, "circuit_open", br.retry_after(now, self.cfg),
+                               % circuit, "circuit_open", br.retry_after(now, self.cfg),
                                outcome="circuit_open")
             return
-        self.stats.circuit_open[conn.backend_name] = 0 if br.state is Breaker.CLOSED else 1
+        self.stats.circuit_open[circuit] = 0 if br.state is Breaker.CLOSED else 1
         conn.started_at = now
         self.stats.started += 1
         self.stats.backend_requests[conn.backend_name] += 1
@@ -4564,8 +4668,16 @@ class Daemon(LoopBase):
             job.timer = conn.t_backend = self.timers.call_later(timeout, self.call_timed_out, job)
         return PARK
 
+    def call_soon_on_helper(self, fn) -> None:
+        """Run fn on a helper thread, for no connection (nothing waits for it)."""
+        if self.helpers is None:
+            self.helpers = HelperPool(self, self.cfg["upstream.threads"])
+        self.helpers.submit(None, fn, None)
+
     def call_finished(self, job) -> None:
         conn = job.conn
+        if conn is None:
+            return
         if job.cancelled:
             # The stream ended (or timed out) while the thread worked: release
             # whatever the job produced, e.g. a freshly connected socket.
@@ -4646,10 +4758,11 @@ class Daemon(LoopBase):
 
     def backend_answered(self, conn: Connection) -> None:
         """The upstream answered 2xx (the head goes out): good news for its breaker."""
-        br = self.breakers.get(conn.backend_name)
+        circuit = self.circuit(conn)
+        br = self.breakers.get(circuit)
         if br is not None and (br.state is not Breaker.CLOSED or br.failures):
             br.success()
-            self.stats.circuit_open[conn.backend_name] = 0
+            self.stats.circuit_open[circuit] = 0
 
     def backend_failed(self, conn: Connection, exc: BaseException) -> None:
         """A backend's stream failed: a status before the head, an error event after."""
@@ -4658,9 +4771,10 @@ class Daemon(LoopBase):
         conn.backend_error = not (isinstance(exc, BackendError) and exc.status < 500)
         if conn.state is State.STARTING and (isinstance(exc, (TimeoutError, OSError)) or (
                 isinstance(exc, BackendError) and exc.status in (502, 503, 504))):
-            br = self.breaker(conn.backend_name)
+            circuit = self.circuit(conn)
+            br = self.breaker(circuit)
             br.failure(self.clock(), self.cfg)
-            self.stats.circuit_open[conn.backend_name] = 0 if br.state is Breaker.CLOSED else 1
+            self.stats.circuit_open[circuit] = 0 if br.state is Breaker.CLOSED else 1
         if isinstance(exc, BackendError):
             status, kind, reason, message, retry = exc.status, exc.kind, exc.reason, exc.public(), exc.retry_after
             log(logging.WARNING, "stream failed", conn=conn.id, backend=conn.backend_name,
@@ -4709,8 +4823,11 @@ class Daemon(LoopBase):
             return
         self.conns.discard(conn)
         self.stop_backend(conn)
-        if conn.status is None and conn.backend_name is not None:
-            br = self.breakers.get(conn.backend_name)
+        if conn.backend_name is not None:
+            # A half-open circuit's probe that ended neither as a success nor
+            # as a failure (the client left, a 400, a bug) lets another probe go;
+            # for any other connection this does nothing.
+            br = self.breakers.get(self.circuit(conn))
             if br is not None:
                 br.abandon(conn)
         for t in (conn.t_life, conn.t_write, conn.t_heartbeat):
@@ -4725,6 +4842,11 @@ class Daemon(LoopBase):
         if conn.unix_fds:
             close_fds(conn.unix_fds)
             conn.unix_fds = None
+        req = conn.req
+        if req is not None and (req.attachments or req.image_paths) and req.files is None:
+            # Refused (capacity, draining, circuit, a 400) or gone before its
+            # backend started: its files would stay in data_dir for good.
+            self.call_soon_on_helper(lambda: discard_attachments(req, self.cfg))
         if not conn.has_client:
             return
         stats = self.stats

@@ -28,7 +28,7 @@ import ssl
 import time
 from urllib.parse import urlsplit
 
-from streamd import BackendError, log, _finite, _not_json
+from streamd import BackendError, log, loads_client_json, _finite, _not_json
 
 import logging
 
@@ -282,6 +282,27 @@ def text(v) -> str:
 def count(v) -> int:
     """A token count: a non-negative integer, else 0."""
     return v if type(v) is int and v >= 0 else 0
+
+
+def client_json_object(text):
+    """A JSON text from the client (a tool call's arguments, a tool's result)
+    as an object, or None when it is not one: not JSON, not an object, or what
+    streamd refuses from clients (NaN, nesting past MAX_JSON_DEPTH)."""
+    try:
+        value = loads_client_json(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def arguments_object(arguments: str, backend: str) -> dict:
+    """A tool call's arguments for a provider that wants an object (Anthropic,
+    Gemini, LangGraph); 400 if they are not one."""
+    value = client_json_object(arguments or "{}")
+    if value is None:
+        raise BackendError("a tool call's arguments must be a JSON object for %s" % backend, status=400,
+                           kind="invalid_request", reason="bad_request")
+    return value
 
 
 def error_parts(body) -> tuple:

@@ -13,8 +13,6 @@ Reads   message_start (usage), content_block_start/delta/stop (text_delta,
         every field it carries), ping (ignored); `event: error` fails it.
 Complete when message_stop arrived.
 """
-import json
-
 from streamd import BackendError
 from backends import _http
 from backends._turn import Turn
@@ -40,7 +38,7 @@ def blocks(m, where: str) -> list:
     for i, (call_id, name, arguments, extra) in enumerate(m.tool_calls):
         if i == 0:  # the signed thinking that led to these calls goes back first
             out[:0] = thinking_blocks(extra, where)
-        out.append({"type": "tool_use", "id": call_id, "name": name, "input": arguments_object(arguments, where)})
+        out.append({"type": "tool_use", "id": call_id, "name": name, "input": _http.arguments_object(arguments, NAME)})
     return out
 
 
@@ -51,17 +49,6 @@ def thinking_blocks(extra, where: str) -> list:
             raise BackendError("%s: extra_content.anthropic.thinking_blocks holds something that is no thinking "
                                "block" % where, status=400, kind="invalid_request", reason="bad_request")
     return blocks
-
-
-def arguments_object(arguments: str, where: str) -> dict:
-    try:
-        value = json.loads(arguments or "{}")
-    except ValueError:
-        value = None
-    if not isinstance(value, dict):
-        raise BackendError("%s: a tool call's arguments must be a JSON object for anthropic" % where,
-                           status=400, kind="invalid_request", reason="bad_request")
-    return value
 
 
 def request_body(req, cfg):
@@ -151,7 +138,8 @@ class Reader:
         self.turn, self.usage, self.tools, self.thinking, self.blocks = turn, {}, set(), {}, []
 
     def event(self, kind, data) -> list:
-        turn, index = self.turn, data.get("index")
+        index = data.get("index")
+        turn, index = self.turn, index if type(index) is int else None  # (a list here would not hash)
         if kind == "content_block_delta":
             delta = _http.obj(data.get("delta"))
             dtype = delta.get("type")

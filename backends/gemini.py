@@ -37,7 +37,7 @@ def parts(m) -> list:
         else:
             out.append({"inlineData": {"mimeType": p[1], "data": p[2]}})
     for call_id, name, arguments, extra in m.tool_calls:
-        call = {"name": name, "args": arguments_object(arguments)}
+        call = {"name": name, "args": _http.arguments_object(arguments, NAME)}
         if not call_id.startswith("call_"):  # (ours are made up: Gemini's own ids go back)
             call["id"] = call_id
         part = {"functionCall": call}
@@ -48,28 +48,14 @@ def parts(m) -> list:
     return out
 
 
-def arguments_object(arguments: str) -> dict:
-    try:
-        value = json.loads(arguments or "{}")
-    except ValueError:
-        value = None
-    if not isinstance(value, dict):
-        raise BackendError("a tool call's arguments must be a JSON object for gemini", status=400,
-                           kind="invalid_request", reason="bad_request")
-    return value
-
-
 def function_response(m, names: dict) -> dict:
     """A tool result as a functionResponse part: Gemini wants the function's
     name (found by the call id) and an object (a JSON object result as it is,
     anything else as {"content": text})."""
     text = m.text()
-    try:
-        value = json.loads(text)
-    except ValueError:
-        value = None
+    value = _http.client_json_object(text)
     resp = {"name": names.get(m.tool_call_id, m.tool_call_id),
-            "response": value if isinstance(value, dict) else {"content": text}}
+            "response": value if value is not None else {"content": text}}
     if m.tool_call_id and not m.tool_call_id.startswith("call_"):
         resp["id"] = m.tool_call_id
     return {"functionResponse": resp}

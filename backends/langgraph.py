@@ -18,7 +18,6 @@ Complete when the run's stream closes cleanly (its chunked framing ends)
         without an `error` event.  LangGraph sends no end marker (an `end`
         event, which older deployments send, is accepted as the same).
 """
-import json
 import uuid
 from urllib.parse import quote
 
@@ -44,7 +43,7 @@ def message(m, content_format: str) -> dict:
         content = [block(p, content_format) for p in m.parts]
     out = {"type": _TYPES.get(m.role, m.role), "content": content}
     if m.tool_calls:
-        out["tool_calls"] = [{"id": i, "name": n, "args": arguments_object(a), "type": "tool_call"}
+        out["tool_calls"] = [{"id": i, "name": n, "args": _http.arguments_object(a, NAME), "type": "tool_call"}
                              for i, n, a, _ in m.tool_calls]
     if m.role == "tool":
         out["tool_call_id"] = m.tool_call_id
@@ -61,16 +60,6 @@ def block(p, content_format: str) -> dict:
         return {"type": "image_url", "image_url": {"url": "data:%s;base64,%s" % (p[1], p[2])}}
     raise bad_request("langgraph: a %s attachment needs content_format anthropic "
                       "(OpenAI-style content has no document part)" % p[1])
-
-
-def arguments_object(arguments: str) -> dict:
-    try:
-        value = json.loads(arguments or "{}")
-    except ValueError:
-        value = None
-    if not isinstance(value, dict):
-        raise bad_request("a tool call's arguments must be a JSON object for langgraph")
-    return value
 
 
 def request_body(req, cfg, stateful):

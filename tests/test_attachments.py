@@ -3,6 +3,7 @@ format: `{ref}` placeholders, each provider's own parts, deletion after
 reading, and every bad path refused with 400 without reading anything
 outside data_dir (real files, real symlinks, a FIFO; fds counted)."""
 import base64
+import json
 import os
 
 import pytest
@@ -207,5 +208,79 @@ def test_bad_attachment_fields_are_400(daemon, data_dir, fdcheck, data, message)
     c = client(ip.path, data)
     ip.pump(c.done)
     assert c.parsed().status == 400 and message in c.parsed().body, c.parsed().body
+    c.close()
+    ip.finish(fdcheck)
+
+
+def wait_gone(ip, path):
+    ip.pump(lambda: not path.exists())  # (discarded on a helper thread)
+
+
+@pytest.mark.parametrize("why", ["unknown_backend", "capacity", "another_ref_fails"])
+def test_files_of_a_refused_handoff_are_discarded(daemon, data_dir, fdcheck, why):
+    """A handoff refused before its backend starts, or whose other attachment
+    fails, must not leave its files in data_dir (they pile up on a tmpfs)."""
+    extra = {"server__max_connections": 1} if why == "capacity" else {}
+    ip = daemon(server__data_dir=str(data_dir), backend__mock__message_delay=30.0, **extra)
+    held = client(ip.path, b"\0") if why == "capacity" else None
+    if held:
+        ip.pump(lambda: held.has(b"Hello"))
+    data = {"prompt": "{note}", "attachments": {"note": "note.txt"}}
+    if why == "unknown_backend":
+        data["backend"] = "nope"
+    if why == "another_ref_fails":
+        data["attachments"] = {"missing": "missing.txt", "note": "note.txt"}
+    c = client(ip.path, data)
+    ip.pump(c.done)
+    assert c.parsed().status == {"unknown_backend": 400, "capacity": 503, "another_ref_fails": 400}[why]
+    c.close()
+    wait_gone(ip, data_dir / "note.txt")
+    if held:
+        held.close()
+    ip.finish(fdcheck)
+
+
+def test_the_direct_front_cannot_name_files_in_data_dir(daemon, data_dir, fdcheck):
+    """data_dir holds PHP's files for handoffs (another user's, maybe): a client
+    of the front may send images inline, never read or delete a file there."""
+    from test_front import front, exchange, post, error_of
+    ip = front(daemon, server__data_dir=str(data_dir))
+    status, _, body = exchange(ip, post({"prompt": "{n}", "attachments": {"n": "note.txt"}}))
+    assert status == 400 and "files in data_dir can only be named by a handoff" in error_of(body)["message"]
+    assert (data_dir / "note.txt").read_text() == "the note's text"  # neither read nor deleted
+    status, _, body = exchange(ip, post({"prompt": "x", "images": [{"base64": B64_PNG, "mime_type": "image/png"}]}))
+    assert status == 200
+    ip.finish(fdcheck)
+
+
+@pytest.mark.parametrize("name", ["x\u0000.txt", "c\ud800.txt", "a" * 5000 + ".txt"], ids=["nul", "surrogate", "long"])
+def test_file_names_that_cannot_be_paths_are_400(daemon, data_dir, fdcheck, name):
+    ip = daemon(server__data_dir=str(data_dir))
+    c = client(ip.path, ('{"attachments": {"a": %s}}' % json.dumps(name)).encode())
+    ip.pump(c.done)
+    assert c.parsed().status == 400 and not ip.d.stats.internal_errors
+    c.close()
+    ip.finish(fdcheck)
+
+
+def test_placeholders_of_one_attachment_are_filled_once(daemon, upstream, data_dir):  # noqa: F811
+    """A prompt of many {doc} must not turn a 1 MiB file into many copies on the loop."""
+    (data_dir / "doc.txt").write_text("D" * 100_000)
+    up = upstream()
+    ip = daemon(**with_dir("openai", up, data_dir))
+    stream(ip, {"prompt": "{doc} " * 3000, "attachments": {"doc": "doc.txt"}})
+    content = up.last().body["messages"][-1]["content"]
+    assert content.count("D" * 100_000) == 1 and content.count("{doc}") == 2999
+
+
+def test_a_hard_link_is_refused(daemon, data_dir, tmp_path, fdcheck):
+    outside = tmp_path / "elsewhere.txt"
+    outside.write_text("ELSEWHERE")
+    os.link(outside, data_dir / "linked.txt")
+    ip = daemon(server__data_dir=str(data_dir))
+    c = client(ip.path, {"prompt": "{a}", "attachments": {"a": "linked.txt"}})
+    ip.pump(c.done)
+    assert c.parsed().status == 400 and b"more than one link" in c.parsed().body
+    assert outside.read_text() == "ELSEWHERE"
     c.close()
     ip.finish(fdcheck)

@@ -335,8 +335,18 @@ def test_openai_messages_and_model(daemon, upstream):
             {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
     stream(ip, {"messages": msgs, "model": "gpt-x", "top_p": 0.5})
     body = up.last().body
-    assert body["model"] == "gpt-x" and body["top_p"] == 0.5 and "stream_options" not in body
+    assert body["model"] == "gpt-x" and body["top_p"] == 0.5
+    assert body["stream_options"] == {"include_usage": True}  # backend.openai.stream_usage defaults on
     assert [m["content"] for m in body["messages"]] == ["S", "a", "b", "c"]
+
+
+def test_openai_stream_usage_off_asks_only_when_the_handoff_does(daemon, upstream):
+    up = upstream()
+    ip = daemon(**settings("openai", up, backend__openai__stream_usage=False))
+    stream(ip, {"prompt": "a"})
+    assert "stream_options" not in up.last().body
+    stream(ip, {"prompt": "a", "include_usage": True})
+    assert up.last().body["stream_options"] == {"include_usage": True}
 
 
 @pytest.mark.parametrize("name", PROVIDERS)

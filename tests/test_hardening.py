@@ -360,9 +360,10 @@ def test_at_the_fd_limit_a_handoff_gets_503(daemon, fdcheck):
     assert r.headers["Retry-After"] == "1" and ip.d.stats.rejected == 1
     unix.close()
     c.close()
-    # With fds free again, the next handoff is served and the spares are back.
+    # With fds free again (accepting resumes 100 ms later), the next handoff
+    # is served and the spares are back.
     again = client(ip.path, b"\0")
-    ip.pump(again.done)
+    ip.pump(again.done, advance=0.05)
     assert again.parsed().status == 200 and len(ip.d.reserve.spares) == streamd.FdReserve.SPARES
     again.close()
     ip.finish(fdcheck)
@@ -372,6 +373,39 @@ def streamd_client(sock):
     from conftest import Client
     sock.setblocking(False)
     return Client(sock)
+
+
+def test_a_burst_at_the_fd_limit_loses_no_client(daemon, fdcheck):
+    """After the first 503 the spares are gone: the rest wait in the backlog
+    (accepting pauses) instead of being taken in and losing their socket."""
+    ip = daemon(backend__mock__message_delay=0.0)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    clients, unixes = [], []
+    for _ in range(4):
+        mine, theirs = socket.socketpair()
+        u = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        u.connect(ip.path)
+        u.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [theirs.fileno()]))])
+        theirs.close()
+        clients.append(streamd_client(mine))
+        unixes.append(u)
+    lowest = os.dup(0)
+    os.close(lowest)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, hard))
+        ip.run_for(10)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    ip.pump(lambda: all(c.done() for c in clients), advance=0.05)  # (accepting resumes after 100 ms)
+    statuses = sorted(c.parsed().status for c in clients)
+    assert statuses[0] in (200, 503) and all(s in (200, 503) for s in statuses), statuses
+    assert ip.d.stats.rejected >= 1 and "ctrunc" not in ip.d.stats.handoff_errors
+    assert not any(r for r in (c.data for c in clients) if not r), "a client got no answer"
+    for u in unixes:
+        u.close()
+    for c in clients:
+        c.close()
+    ip.finish(fdcheck)
 
 
 def test_a_socket_lost_to_the_fd_limit_is_named_as_such(daemon, fdcheck, monkeypatch, caplog):
