@@ -421,7 +421,8 @@ def upstream_options(name, base, auth, path, model, model_note="", profile_keys=
                             "warning)" % name))
     rows.append(Option("backend.%s.profiles" % name, {}, p_profiles(profile_keys), None, live=True,
                        help="%s: named upstreams a handoff may choose with \"profile\" (config file only): "
-                            "each may set %s and inherits the rest" % (
+                            "each may set %s and inherits the rest (but not the api_key when it sets its own "
+                            "api_base or api_socket)" % (
                                 name, ", ".join(sorted(set(PROFILE_KEYS) | {"api_key_env"} | set(dict(profile_keys)))))))
     return rows
 
@@ -923,6 +924,11 @@ class Request:
                     m.parts = place_attachments(m.text(), self.files or {}, self.images)
                     break
         return out
+
+    def heavy(self) -> bool:
+        """Carries attachments or images: its upstream body may be megabytes
+        (encoded on a helper thread, not on the loop)."""
+        return bool(self.files or self.images)
 
     def last_user_text(self) -> str:
         for m in reversed(self.conversation()):
@@ -2667,7 +2673,9 @@ class Connection:
 #
 # A backend's return value may be {"finish_reason": …, "usage": {…}}, which
 # becomes the usage event when the handoff asked for include_usage, and
-# "send_done": False to end without the [DONE] marker (raw pass-through).
+# "send_done": False to end without the [DONE] marker, and "raw": True for a
+# raw pass-through (no final event either: the upstream's bytes went out as
+# they came).
 
 STEP_BUDGET = 64  # operations one generator may run per pass before others get a turn
 
@@ -2873,7 +2881,7 @@ class Stats:
     __slots__ = ("active_connections", "active_streams", "peak_streams", "started", "completed",
                  "failed", "bytes_sent", "chunks_sent", "handoffs", "handoff_errors", "rejected", "http_responses",
                  "stream_errors", "backend_requests", "backend_errors", "internal_errors", "tokens",
-                 "upstream_retries", "circuit_open", "handoff_duration", "stream_duration",
+                 "tool_calls_dropped", "upstream_retries", "circuit_open", "handoff_duration", "stream_duration",
                  "backend_duration", "backend_ttfb", "loop_lag", "histograms")
 
     def __init__(self, histograms: bool = True):
@@ -2881,7 +2889,7 @@ class Stats:
                      "failed", "bytes_sent", "chunks_sent", "handoffs", "rejected"):
             setattr(self, name, 0)
         for name in ("handoff_errors", "stream_errors", "backend_requests", "backend_errors",
-                     "upstream_retries", "http_responses", "internal_errors", "tokens"):
+                     "upstream_retries", "http_responses", "internal_errors", "tokens", "tool_calls_dropped"):
             setattr(self, name, collections.Counter())
         self.circuit_open = {}
         self.histograms = histograms  # False under --benchmark: no metric observations
@@ -2917,7 +2925,8 @@ class Stats:
                         "upstream_retries": dict(self.upstream_retries),
                         "http_responses": dict(self.http_responses),
                         "internal_errors": dict(self.internal_errors),
-                        "tokens": dict(self.tokens)},
+                        "tokens": dict(self.tokens),
+                        "tool_calls_dropped": dict(self.tool_calls_dropped)},
             "circuit_open": dict(self.circuit_open),
             "histograms": {"handoff_duration": self.handoff_duration.dump(),
                            "stream_duration": self.stream_duration.dump(),
@@ -2978,6 +2987,8 @@ _HELP = {
     "internal_errors": "Exceptions met while handling one connection (a bug; that connection was ended), by where",
     "tokens": "Tokens the upstreams reported using, by backend and kind (prompt, completion, reasoning, "
               "cache_read, cache_creation)",
+    "tool_calls_dropped": "Tool calls not sent to the client because their arguments were not JSON "
+                          "(a turn cut at max_tokens), by backend",
     "worker_open_fds": "File descriptors a worker process holds",
     "worker_resident_memory_bytes": "A worker process's resident memory",
     "worker_cpu_seconds": "CPU time a worker process has used",
@@ -2990,7 +3001,7 @@ _BUCKETS = {"handoff_duration": HANDOFF_BUCKETS, "stream_duration": STREAM_BUCKE
             "backend_duration": STREAM_BUCKETS, "backend_ttfb": TTFB_BUCKETS}
 _LABEL = {"handoff_errors": "reason", "stream_errors": "reason", "backend_requests": "backend",
           "backend_errors": "backend", "upstream_retries": "backend", "http_responses": "code",
-          "internal_errors": "where"}  # (tokens has two labels, backend and kind: collected on its own)
+          "internal_errors": "where", "tool_calls_dropped": "backend"}  # (tokens has two labels, backend and kind: collected on its own)
 # Every `where` of daemon_internal_errors_total, so the series exist (at 0) from the start.
 INTERNAL_WHERE = ("accept", "handoff", "front", "websocket", "client", "backend", "upstream", "helper",
                   "timer", "metrics", "signal")
@@ -4732,8 +4743,14 @@ class Daemon(LoopBase):
         if result.get("empty"):
             log(logging.WARNING, "stream ended with neither text nor tool calls", conn=conn.id,
                 backend=conn.backend_name, finish_reason=result.get("stop_reason") or result.get("finish_reason"))
+        dropped = result.get("dropped_tool_calls")
+        if dropped:
+            self.stats.tool_calls_dropped[conn.backend_name] += dropped
+            log(logging.WARNING, "tool calls not sent: their arguments were not JSON", conn=conn.id,
+                backend=conn.backend_name, count=dropped, finish_reason=result.get("finish_reason"))
         # The final event: asked for with include_usage, and always when the
-        # turn ended to call tools (the client must run them and hand off again).
+        # turn sent tool calls (the client must run them and hand off again,
+        # or learn that the turn was cut: finish_reason length).
         usage = result.get("usage")
         if isinstance(usage, dict):
             tokens = self.stats.tokens
@@ -4742,7 +4759,7 @@ class Daemon(LoopBase):
                 if type(n) is int and n > 0:
                     tokens["%s/%s" % (conn.backend_name, kind)] += n
         finish = result.get("finish_reason") or "stop"
-        if req.include_usage or finish == "tool_calls":
+        if not result.get("raw") and (req.include_usage or finish == "tool_calls" or result.get("tool_calls")):
             final = {"finish_reason": finish}
             if result.get("stop_reason"):
                 final["stop_reason"] = result["stop_reason"]
@@ -5471,7 +5488,7 @@ _MOCK_LINES = [
 ] + ["This is message %d of %d." % (i, MOCK_EVENTS) for i in range(13, MOCK_EVENTS + 1)]
 # Pre-rendered once: the fixed events are the same bytes for every stream.
 _MOCK_FIXED = [sse_event({"content": line}) for line in _MOCK_LINES]
-_MOCK_WORDS = sum(len(line.split()) for line in _MOCK_LINES) + 6
+_MOCK_WORDS = sum(len(line.split()) for line in _MOCK_LINES) + 7  # + "Hello from streamd! Prompt:" and "User ID: N"
 
 
 def cut_text(text: str, limit: int) -> str:
@@ -5488,7 +5505,8 @@ class MockBackend:
         delay = cfg["backend.mock.message_delay"]
         prompt = req.last_user_text()
         user = req.user_id if req.user_id is not None else "unknown"
-        yield ("event", {"content": "Hello from streamd! Prompt: " + cut_text(prompt, 50)})
+        echoed = cut_text(prompt, 50)
+        yield ("event", {"content": "Hello from streamd! Prompt: " + echoed})
         yield ("sleep", delay)
         yield ("event", {"content": "User ID: %s" % user})
         # The other 16 lines are the same for every stream, rendered once.  This
@@ -5499,7 +5517,7 @@ class MockBackend:
         #         yield ("event", event)
         yield ("paced", _MOCK_FIXED, delay)
         prompt_tokens = len(prompt.split())
-        words = _MOCK_WORDS + prompt_tokens  # a stand-in for a tokenizer: words
+        words = _MOCK_WORDS + len(echoed.split())  # a stand-in for a tokenizer: the words sent
         return {"finish_reason": "stop", "usage": {"prompt_tokens": prompt_tokens,
                 "completion_tokens": words, "total_tokens": prompt_tokens + words}}
 
@@ -5524,7 +5542,9 @@ PYPI_NAMES = {"yaml": "PyYAML", "prometheus_client": "prometheus-client"}
 def load_backend(name: str):
     """The backend's module (imported on first use), after checking that the
     packages it names in REQUIRES are installed: a missing one stops the start
-    naming it, rather than failing every request later."""
+    naming it, rather than failing every request later.  They are imported
+    here, at start: an import on first use would stall the loop (and every
+    stream on it) for the tens of milliseconds urllib3 takes to load."""
     entry = BACKENDS[name]
     if not isinstance(entry, str):
         return entry
@@ -5534,10 +5554,12 @@ def load_backend(name: str):
         raise ConfigError("backend %r cannot be loaded: %s (is the backends/ directory next to streamd.py?)"
                           % (name, e)) from None
     for package in getattr(mod, "REQUIRES", ()):
-        if importlib.util.find_spec(package) is None:
+        try:
+            importlib.import_module(package)
+        except ImportError:
             raise ConfigError("backend %r needs the %s package: pip install %s (or apt install %s)"
                               % (name, package, PYPI_NAMES.get(package, package),
-                                 DEBIAN_PACKAGES.get(package, "python3-" + package)))
+                                 DEBIAN_PACKAGES.get(package, "python3-" + package))) from None
     return mod
 
 

@@ -479,11 +479,15 @@ def setting(cfg: dict, name: str, profile, key: str):
 
 def api_key(cfg: dict, name: str, profile=None) -> str:
     """The API key: a profile's api_key, or the variable its api_key_env
-    names, else the backend's own."""
+    names, else the backend's own; but never the backend's own for a profile
+    that names its own upstream (api_base or api_socket): the backend's key
+    is not sent to another server unless the profile says so."""
     if profile:
         prof = (cfg.get("backend.%s.profiles" % name) or {}).get(profile) or {}
         if "api_key_env" in prof:
             return os.environ.get(prof["api_key_env"], "")
+        if "api_key" not in prof and ("api_base" in prof or "api_socket" in prof):
+            return ""
     return setting(cfg, name, profile, "api_key")
 
 
@@ -744,6 +748,9 @@ class RetryableError(Exception):
         self.error, self.hint = error, hint
 
 
+ENCODE_TIMEOUT = 30.0  # seconds a helper may take to encode a heavy request body
+
+
 def encode_json(body) -> bytes:
     """A request body as UTF-8 JSON.  A lone surrogate (the client sent
     "\\ud800") cannot be UTF-8: such a body goes \\u-escaped, as valid JSON
@@ -755,7 +762,7 @@ def encode_json(body) -> bytes:
 
 
 def open_stream(tgt: Target, cfg: dict, method: str, path: str, headers: dict, body,
-                secrets=()):
+                secrets=(), heavy=False):
     """Connect (or reuse a pooled connection), send the request, read the head;
     retry what is worth retrying.
 
@@ -768,8 +775,16 @@ def open_stream(tgt: Target, cfg: dict, method: str, path: str, headers: dict, b
     client: on connect failures and on 429/500/502/503/504 (or whatever
     x-should-retry says), with exponential backoff and full random jitter, or
     the upstream's Retry-After; at most upstream.max_retries times, within
-    upstream.retry_budget seconds in all."""
-    payload = None if body is None else encode_json(body)
+    upstream.retry_budget seconds in all.
+
+    A `heavy` body (one carrying attachments: megabytes of base64) is encoded
+    on a helper thread, not on the loop, where it would hold every stream up."""
+    if body is None:
+        payload = None
+    elif heavy:
+        payload = yield ("call", lambda: encode_json(body), ENCODE_TIMEOUT, None)
+    else:
+        payload = encode_json(body)
     started = yield ("now",)
     attempt = 0
     while True:

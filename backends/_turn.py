@@ -15,6 +15,11 @@ whichever provider answered.
     the end        {"finish_reason", ["stop_reason"], ["usage"]}  (sent by the daemon, from
                    result(): with include_usage, or when the turn ended to call tools)
 
+A tool call whose arguments are not JSON is not sent: the client could not run
+it.  That is what a turn cut at max_tokens leaves (the arguments stop mid-
+object); the finish reason is then "length", which wins over "tool_calls":
+the client learns that the turn was cut, not that it is complete.
+
 finish_reason uses OpenAI's words (stop, length, tool_calls, content_filter);
 the provider's own, when it differs, is kept as stop_reason.  usage has one
 meaning for every provider, OpenAI's: prompt_tokens counts every input token
@@ -23,16 +28,20 @@ total_tokens their sum; reasoning_tokens, cache_read_input_tokens and
 cache_creation_input_tokens when the provider reports them.
 """
 
+import json
+
 FINISH = ("stop", "length", "tool_calls", "content_filter")
 
 
 class Turn:
-    __slots__ = ("reasoning_on", "calls", "emitted", "texts", "finish", "raw_finish", "usage")
+    __slots__ = ("reasoning_on", "calls", "emitted", "dropped", "last", "texts", "finish", "raw_finish", "usage")
 
     def __init__(self, req):
         self.reasoning_on = bool(req.include_reasoning)
-        self.calls = {}       # key (an index, a block number) -> [id, name, [argument pieces]]
+        self.calls = {}       # key (an index, a block number) -> [id, name, [argument pieces], extra]
         self.emitted = 0      # tool calls sent
+        self.dropped = 0      # tool calls not sent: their arguments were not JSON
+        self.last = None      # the key of the call last given a piece
         self.texts = 0        # content events sent
         self.finish = None    # normalised finish reason
         self.raw_finish = None
@@ -67,12 +76,40 @@ class Turn:
         if extra:
             call[3] = extra
 
+        self.last = key
+
+    def indexed_piece(self, index, call_id=None, name=None, arguments=None, extra=None) -> list:
+        """A piece of a tool call in OpenAI's form (OpenAI, LangGraph's
+        tool_call_chunks): keyed by its index.  Some servers send no index (a
+        new id then starts a new call; a piece without one continues the last)
+        or index every call 0, each whole with its own id (a new id at an index
+        whose call has a name completes that call).  Returns the events of the
+        calls so completed."""
+        new_id = isinstance(call_id, str) and call_id
+        if type(index) is not int:
+            index = self.last
+            if index is None or (new_id and self.calls.get(index, (call_id,))[0] not in ("", call_id)):
+                index = ("unindexed", self.emitted + self.dropped + len(self.calls))
+        out = []
+        call = self.calls.get(index)
+        if call is not None and new_id and call[0] and call[0] != call_id and call[1]:
+            out = self.call_done(index)
+        self.call_piece(index, call_id, name, arguments, extra)
+        return out
+
     def call_done(self, key) -> list:
-        """Tool call `key` is complete: its event (none if it never got a name)."""
+        """Tool call `key` is complete: its event (none if it never got a
+        name, or its arguments are not JSON)."""
         call = self.calls.pop(key, None)
         if call is None or not call[1]:
             return []
-        return [self._call_event(call[0], call[1], "".join(call[2]) or "{}", call[3])]
+        arguments = "".join(call[2]) or "{}"
+        try:
+            json.loads(arguments)
+        except ValueError:  # (a turn cut mid-call: max_tokens)
+            self.dropped += 1
+            return []
+        return [self._call_event(call[0], call[1], arguments, call[3])]
 
     def whole_call(self, call_id, name, arguments: str, extra=None) -> list:
         """A tool call that arrived whole (Gemini)."""
@@ -83,7 +120,8 @@ class Turn:
     def open_calls_done(self) -> list:
         """Every call still being assembled is complete (OpenAI: at the finish), in key order."""
         out = []
-        for key in sorted(self.calls, key=lambda k: (not isinstance(k, int), k if isinstance(k, int) else str(k))):
+        # Indexed calls by index, then the others in the order they came.
+        for key in sorted(k for k in self.calls if type(k) is int) + [k for k in self.calls if type(k) is not int]:
             out += self.call_done(key)
         return out
 
@@ -117,9 +155,14 @@ class Turn:
 
     def result(self, **extra) -> dict:
         """The backend's return value: the daemon sends the final event from it."""
-        finish = "tool_calls" if self.emitted else (self.finish or "stop")
+        finish = self.finish or "stop"
+        if finish != "length":
+            # (tool_calls only with a call sent: one whose arguments were not JSON is not)
+            finish = "tool_calls" if self.emitted else "stop" if finish == "tool_calls" else finish
         out = {"finish_reason": finish, "usage": self.usage, "tool_calls": self.emitted,
                "empty": not self.texts and not self.emitted}
+        if self.dropped:
+            out["dropped_tool_calls"] = self.dropped
         if self.raw_finish and self.raw_finish != finish:
             out["stop_reason"] = self.raw_finish
         out.update(extra)

@@ -5,7 +5,9 @@ Sends   POST {api_base}/v1/messages with "stream": true: system messages as the
         message, an assistant's tool calls as `tool_use` blocks, attachments as
         `image` / `document` blocks (base64), tools as {name, description,
         input_schema}, tool_choice as {type: auto|any|none|tool}; with
-        include_reasoning, extended thinking (backend.anthropic.thinking_budget).
+        include_reasoning, extended thinking (backend.anthropic.thinking_budget;
+        not with a temperature other than 1, top_p < 0.95 or a forced tool,
+        which the API refuses with thinking on).
 Reads   message_start (usage), content_block_start/delta/stop (text_delta,
         thinking_delta, input_json_delta of a tool_use block; signature_delta,
         redacted_thinking and server-tool blocks carry no text for us),
@@ -13,7 +15,9 @@ Reads   message_start (usage), content_block_start/delta/stop (text_delta,
         every field it carries), ping (ignored); `event: error` fails it.
 Complete when message_stop arrived.
 """
-from streamd import BackendError
+import logging
+
+from streamd import BackendError, log
 from backends import _http
 from backends._turn import Turn
 
@@ -51,6 +55,20 @@ def thinking_blocks(extra, where: str) -> list:
     return blocks
 
 
+def thinking_allowed(req) -> bool:
+    """Extended thinking refuses (400) a temperature other than 1, a top_p
+    below 0.95 and a forced tool: with any of them the request goes without
+    thinking (the answer matters more than seeing the reasoning), logged."""
+    why = ("temperature %r" % req.temperature if req.temperature not in (None, 1) else
+           "top_p %r" % req.top_p if req.top_p is not None and req.top_p < 0.95 else
+           "a forced tool_choice" if req.tools and (req.tool_choice == "required" or isinstance(req.tool_choice, dict))
+           else None)
+    if why:
+        log(logging.INFO, "anthropic: include_reasoning ignored: extended thinking does not allow " + why,
+            request_id=req.request_id)
+    return why is None
+
+
 def request_body(req, cfg):
     conv = req.conversation()
     system = [m.text() for m in conv if m.role == "system"]
@@ -82,7 +100,7 @@ def request_body(req, cfg):
         if getattr(req, field) is not None:
             body[field] = getattr(req, field)
     budget = cfg["backend.anthropic.thinking_budget"]
-    if req.include_reasoning and budget:
+    if req.include_reasoning and budget and thinking_allowed(req):
         body["thinking"] = {"type": "enabled", "budget_tokens": budget}
         if max_tokens <= budget:  # the API wants room for the answer beyond the thinking
             body["max_tokens"] = budget + max_tokens
@@ -104,7 +122,8 @@ def run(req, cfg):
     headers = _http.headers(req, "x-api-key", key)
     headers["anthropic-version"] = cfg["backend.anthropic.version"]
     stream = yield from _http.open_stream(target, cfg, "POST", target.path + "/v1/messages", headers,
-                                          request_body(req, cfg), secrets=(key,))
+                                          request_body(req, cfg), secrets=(key,),
+                                          heavy=req.heavy())
     try:
         yield ("head",)
         reader, stopped = Reader(Turn(req)), False

@@ -123,7 +123,7 @@ def run(req, cfg):
     path = "%s/v1beta/models/%s:streamGenerateContent?alt=sse" % (target.path, quote(model, safe=""))
     headers = _http.headers(req, "x-goog-api-key", key)
     stream = yield from _http.open_stream(target, cfg, "POST", path, headers, request_body(req, cfg),
-                                          secrets=(key,))
+                                          secrets=(key,), heavy=req.heavy())
     try:
         yield ("head",)
         turn, finished = Turn(req), False

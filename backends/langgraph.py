@@ -67,14 +67,16 @@ def request_body(req, cfg, stateful):
         raise bad_request("langgraph: the graph defines its own tools; a handoff's 'tools' cannot be sent to it")
     fmt = _http.setting(cfg, NAME, req.profile, "content_format")
     conv = req.conversation()
+    last = max((i for i, m in enumerate(conv) if m.role == "assistant"), default=-1)
     if stateful:
         # The thread holds the conversation (the graph's add_messages appends
         # what it is given): send only the new turn, the messages after the
         # handoff's last assistant message, or the whole history would repeat.
-        last = max((i for i, m in enumerate(conv) if m.role == "assistant"), default=-1)
         conv = conv[last + 1:]
     messages = [message(m, fmt) for m in conv]
-    if req.system and not stateful and not any(m.role == "system" for m in conv):
+    # The system prompt: always without a thread; on a thread, with its first
+    # turn only (no assistant message yet), since the thread keeps it.
+    if req.system and (not stateful or last < 0) and not any(m.role == "system" for m in conv):
         messages.insert(0, {"type": "system", "content": req.system})
     inp = {"messages": messages}
     for k in sorted(req.langgraph_input or {}):
@@ -138,7 +140,8 @@ def run(req, cfg):
         path = "%s/threads/%s/runs/stream" % (target.path, quote(thread, safe=""))
     else:
         path = target.path + "/runs/stream"
-    stream = yield from _http.open_stream(target, cfg, "POST", path, headers, body, secrets=(key,))
+    stream = yield from _http.open_stream(target, cfg, "POST", path, headers, body, secrets=(key,),
+                                          heavy=req.heavy())
     raw = _http.setting(cfg, NAME, req.profile, "output") == "raw"
     try:
         yield ("head",)
@@ -169,9 +172,13 @@ def run(req, cfg):
                 break
         # The body's framing ended cleanly (read_body raises if the upstream
         # cut it) and no error event came: the run is complete.
+        if raw:
+            # The upstream's bytes went out as they were: no final event of
+            # ours, no [DONE] (its stream has neither).
+            return {"raw": True, "send_done": False}
         for out in turn.open_calls_done():
             yield ("event", out)
-        return turn.result(send_done=not raw)
+        return turn.result()
     finally:
         stream.close()
 
@@ -198,8 +205,7 @@ class Reader:
             out += turn.text(chunk_text(chunk))
             for tc in _http.arr(_http.obj(chunk).get("tool_call_chunks")):
                 tc = _http.obj(tc)
-                index = tc.get("index")
-                turn.call_piece(index if type(index) is int else 0, tc.get("id"), tc.get("name"), tc.get("args"))
+                out += turn.indexed_piece(tc.get("index"), tc.get("id"), tc.get("name"), tc.get("args"))
             return out
         for msg in _http.arr(payload):  # messages mode: each message with its whole text so far
             full, mid = chunk_text(msg), _http.text(_http.obj(msg).get("id"))

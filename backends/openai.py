@@ -90,7 +90,8 @@ def run(req, cfg):
     key = _http.api_key(cfg, NAME, req.profile)
     headers = _http.headers(req, "Authorization", "Bearer " + key if key else "")
     stream = yield from _http.open_stream(target, cfg, "POST", target.path + "/chat/completions", headers,
-                                          request_body(req, cfg), secrets=(key,))
+                                          request_body(req, cfg), secrets=(key,),
+                                          heavy=req.heavy())
     try:
         yield ("head",)
         turn = Turn(req)
@@ -131,9 +132,8 @@ def read_chunk(turn, chunk) -> list:
         for tc in _http.arr(delta.get("tool_calls")):
             tc = _http.obj(tc)
             fn = _http.obj(tc.get("function"))
-            index = tc.get("index")
-            turn.call_piece(index if type(index) is int else 0, tc.get("id"), fn.get("name"), fn.get("arguments"),
-                            _http.obj(tc.get("extra_content")))
+            out += turn.indexed_piece(tc.get("index"), tc.get("id"), fn.get("name"), fn.get("arguments"),
+                                      _http.obj(tc.get("extra_content")))
         raw = _http.text(choice.get("finish_reason"))
         if raw:
             out += turn.open_calls_done()

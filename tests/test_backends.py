@@ -414,6 +414,10 @@ def test_langgraph_thread_turn_sends_only_the_new_messages(daemon, upstream):
     assert up.last().body["input"]["messages"] == [{"type": "human", "content": "three"}]
     stream(ip, {"messages": history, "system": "be brief"})  # stateless: everything, and the system prompt
     assert [m["content"] for m in up.last().body["input"]["messages"]] == ["be brief", "one", "two", "three"]
+    # The thread's first turn (no assistant message yet) carries the system prompt: the thread keeps it.
+    stream(ip, {"messages": history[:1], "thread_id": "conv-2", "system": "be brief"})
+    assert up.last().body["input"]["messages"] == [{"type": "system", "content": "be brief"},
+                                                   {"type": "human", "content": "one"}]
 
 
 def test_langgraph_raw_output(daemon, upstream):
@@ -428,6 +432,16 @@ def test_langgraph_raw_output(daemon, upstream):
     assert c2.data.endswith(b'"type": "tool", "id": "t1"}, {}]\n\n') and b'"error"' not in c2.data
     c3 = stream(ip, {"test_pattern": "abort:2"})  # connection cut
     assert c3.data.endswith(b'"message":"upstream closed the connection mid-stream"}}\n\n')
+
+
+def test_langgraph_raw_output_adds_no_final_event_and_no_warning(daemon, upstream, caplog):
+    """Raw is the upstream's bytes: include_usage adds no event of ours, and the
+    text streamd did not parse is not 'an answer with nothing in it'."""
+    up = upstream()
+    ip = daemon(**settings("langgraph", up, backend__langgraph__output="raw"))
+    c = stream(ip, {"include_usage": True})
+    assert c.data.endswith(b'"type": "tool", "id": "t1"}, {}]\n\n') and b"finish_reason" not in c.data
+    assert not [r for r in caplog.records if "neither text nor tool calls" in r.getMessage()]
 
 
 def test_langgraph_clean_close_is_complete(daemon, upstream, fdcheck):

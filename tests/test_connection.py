@@ -302,12 +302,16 @@ def test_wait_timeout_before_head_is_504(daemon, probe_backend):
 
 def test_include_usage_event(daemon):
     ip = daemon(backend__mock__message_delay=0.0)
-    c = client(ip.path, {"prompt": "two words", "include_usage": True})
+    c = client(ip.path, {"prompt": "two words " + "x " * 40, "include_usage": True})
     ip.pump(c.done)
     events = c.data.split(b"\r\n\r\n")[1].split(b"\n\n")
     usage = json.loads(events[-3][6:])
-    assert usage["finish_reason"] == "stop" and usage["usage"]["prompt_tokens"] == 2
+    assert usage["finish_reason"] == "stop" and usage["usage"]["prompt_tokens"] == 42
     assert usage["usage"]["total_tokens"] == usage["usage"]["prompt_tokens"] + usage["usage"]["completion_tokens"]
+    # The mock's stand-in tokenizer counts words: exactly the words it sent.
+    sent = [json.loads(e[6:])["content"] for e in events if e.startswith(b'data: {"content"')]
+    assert len(sent) == 18
+    assert usage["usage"]["completion_tokens"] == sum(len(t.split()) for t in sent)
 
 
 def test_fin_before_close_and_linger(daemon, fdcheck):

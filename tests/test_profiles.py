@@ -30,6 +30,21 @@ def test_a_profile_chooses_its_upstream_key_and_model(daemon, upstream, monkeypa
     ip.pump(lambda: all(conn.state.name == "DRAINING" for conn in ip.d.conns))
 
 
+@pytest.mark.parametrize("name, header", [("openai", "authorization"), ("anthropic", "x-api-key"),
+                                          ("gemini", "x-goog-api-key"), ("langgraph", "x-api-key")])
+def test_a_profile_with_its_own_upstream_does_not_get_the_backends_key(daemon, upstream, name, header):  # noqa: F811
+    """The backend's key goes to the backend's server only: a profile naming
+    another api_base gets a key only if it sets one."""
+    main, other = upstream(), upstream()
+    base = other.base + ("/v1" if name == "openai" else "")
+    ip = daemon(**settings(name, main), **profiles(name, elsewhere={"api_base": base},
+                                                   same={"default_model": "m2"}))
+    assert stream(ip, {"prompt": "x", "profile": "elsewhere"}).data.endswith(b"\n\n")
+    assert other.requests and all(header not in r.headers for r in other.requests)
+    assert stream(ip, {"prompt": "x", "profile": "same"}).data.endswith(b"\n\n")  # same server: same key
+    assert "sk-test-key" in main.last().headers[header]
+
+
 def test_a_langgraph_profile_sets_its_assistant_and_stream_mode(daemon, upstream):  # noqa: F811
     main, research = upstream(), upstream()
     ip = daemon(**settings("langgraph", main), **profiles("langgraph", research={

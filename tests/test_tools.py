@@ -4,6 +4,7 @@ one tool_call event per call and finish_reason "tool_calls"; the follow-up
 handoff with the assistant's calls and the tool results goes upstream in the
 provider's format again.  Real test upstream on 127.0.0.1, recording requests."""
 import json
+import logging
 
 import pytest
 
@@ -203,6 +204,28 @@ def test_include_reasoning_asks_the_provider_for_it(daemon, upstream, name):  # 
         assert "reasoning" not in sent  # OpenAI-compatible vendors stream it unasked (reasoning_content)
     stream(ip, {"prompt": "x"})
     assert "thinking" not in up.last().body and "thinkingConfig" not in up.last().body.get("generationConfig", {})
+
+
+@pytest.mark.parametrize("extra, why", [
+    ({"temperature": 0.2}, "temperature 0.2"),
+    ({"top_p": 0.5}, "top_p 0.5"),
+    ({"tools": [WEATHER], "tool_choice": "required"}, "a forced tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+     "a forced tool_choice"),
+])
+def test_anthropic_thinking_is_not_asked_for_with_what_it_refuses(daemon, upstream, caplog, extra, why):  # noqa: F811
+    """Extended thinking is a 400 with temperature != 1, top_p < 0.95 or a
+    forced tool: such a request goes without it, and the log says why."""
+    caplog.set_level(logging.INFO, logger="streamd")
+    up = upstream()
+    ip = daemon(**settings("anthropic", up))
+    c = stream(ip, dict({"prompt": "x", "include_reasoning": True}, **extra))
+    assert c.data.endswith(b"data: [DONE]\n\n")
+    assert "thinking" not in up.last().body
+    assert any(r.getMessage().endswith("does not allow " + why) for r in caplog.records)
+    stream(ip, {"prompt": "x", "include_reasoning": True, "temperature": 1, "top_p": 0.95,
+                "tools": [WEATHER], "tool_choice": "auto"})
+    assert up.last().body["thinking"]["type"] == "enabled"
 
 
 def test_anthropic_gets_its_signed_thinking_back_with_the_tool_calls(daemon, upstream):  # noqa: F811
