@@ -372,9 +372,16 @@ def p_profiles(extra=()):
                         raise NestedValueError("%s.%s" % (name, k), "an environment variable name", raw)
                     parsed[k] = raw
                     continue
+                if k == "api_key_credential":  # read at load: see credential()
+                    if not isinstance(raw, str) or not _REF.fullmatch(raw):
+                        raise NestedValueError("%s.%s" % (name, k), "a credential name (letters, digits, _.-)", raw)
+                    if "api_key" in prof:
+                        raise NestedValueError("%s.%s" % (name, k), "api_key or api_key_credential, not both", raw)
+                    parsed[k] = raw
+                    continue
                 if k not in keys:
                     raise NestedValueError("%s.%s" % (name, k), "one of " + ", ".join(
-                        sorted(set(keys) | {"api_key_env", "http2_enabled"})), k)
+                        sorted(set(keys) | {"api_key_env", "api_key_credential", "http2_enabled"})), k)
                 parser = keys[k]()
                 try:
                     parsed[k] = parser(raw)
@@ -402,7 +409,8 @@ def upstream_options(name, base, auth, path, model, model_note="", profile_keys=
     up = name.upper()
     rows = [
         Option("backend.%s.api_key" % name, "", p_str, "--%s-key" % name, env=up + "_API_KEY",
-               help="%s: API key (%s); prefer the environment" % (name, auth)),
+               help="%s: API key (%s); prefer a systemd credential (keys_%s) or the environment"
+                    % (name, auth, name)),
         Option("backend.%s.api_base" % name, base, p_url, "--%s-base" % name, env=up + "_API_BASE",
                help="%s: base URL (%s is appended)" % (name, path)),
         Option("backend.%s.api_socket" % name, "", p_abspath_or_empty, "--%s-socket" % name,
@@ -423,7 +431,7 @@ def upstream_options(name, base, auth, path, model, model_note="", profile_keys=
                        help="%s: named upstreams a handoff may choose with \"profile\" (config file only): "
                             "each may set %s and inherits the rest (but not the api_key when it sets its own "
                             "api_base or api_socket)" % (
-                                name, ", ".join(sorted(set(PROFILE_KEYS) | {"api_key_env"} | set(dict(profile_keys)))))))
+                                name, ", ".join(sorted(set(PROFILE_KEYS) | {"api_key_env", "api_key_credential"} | set(dict(profile_keys)))))))
     return rows
 
 
@@ -575,7 +583,8 @@ OPTIONS = [
     Option("http.max_body_bytes", 128 * 1024, p_size, "--max-body-bytes", live=True,
            help="largest request body (413) and WebSocket message (close 1009)"),
     Option("http.demo_page", "", p_path_or_empty, "--demo-page", live=True,
-           help="the page served at / (empty: demo.html next to streamd.py); re-read on SIGHUP"),
+           help="the page served at / (empty: demo.html next to streamd.py, inside streamd.pyz, or in "
+                "{sys.prefix}/share/streamd); re-read on SIGHUP"),
     Option("metrics.listen_addr", "127.0.0.1:9090", p_addr, "--metrics-addr",
            help="HOST:PORT for /metrics and /healthz; empty disables"),
     Option("logging.level", "info", _parser("one of debug, info, warning (or warn), error")(
@@ -705,8 +714,66 @@ def read_config_file(path: str, warnings=None) -> dict:
     return _flatten(tree if tree is not None else {}, path, warnings=warnings)
 
 
+# systemd credentials (LoadCredential=): streamd.service loads the directory
+# /etc/streamd/keys as credentials named keys_<file>.  A backend's key is the
+# credential keys_<backend> (or <backend>, loaded by name); a profile's, the one
+# its api_key_credential names.  Root owns the files; only the service's user
+# can read systemd's copies, and nothing else of the key reaches the config.
+CREDENTIAL_PREFIX = "keys_"
+MAX_CREDENTIAL = 64 * 1024
+
+
+def credential(name: str, env) -> str | None:
+    """The text of credential `name` (keys_<name>, else <name>) in
+    $CREDENTIALS_DIRECTORY, stripped; None without one.  Errors never show
+    the contents."""
+    directory = env.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return None
+    for cred in (CREDENTIAL_PREFIX + name, name):
+        try:
+            with open(os.path.join(directory, cred), "rb") as f:
+                data = f.read(MAX_CREDENTIAL + 1)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise ConfigError("credential %s: cannot be read: %s" % (cred, e.strerror)) from None
+        try:
+            text = data.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            text = None
+        if len(data) > MAX_CREDENTIAL or not text or not text.isprintable():
+            raise ConfigError("credential %s: expected one line of printable text (an API key) of at most "
+                              "%d bytes" % (cred, MAX_CREDENTIAL))
+        return text
+    return None
+
+
+def apply_credentials(cfg: dict, origin: dict, env) -> None:
+    """Backend keys and profile keys from systemd credentials (see credential())."""
+    for name in ("openai", "anthropic", "gemini", "langgraph"):
+        key = "backend.%s.api_key" % name
+        text = credential(name, env)
+        if text is not None:
+            cfg[key], origin[key] = text, "credential " + name
+        profs = cfg.get("backend.%s.profiles" % name) or {}
+        if any("api_key_credential" in p for p in profs.values()):
+            cfg["backend.%s.profiles" % name] = profs = {n: dict(p) for n, p in profs.items()}
+            for pname, prof in profs.items():
+                cred = prof.pop("api_key_credential", None)
+                if cred is None:
+                    continue
+                text = credential(cred, env)
+                if text is None:
+                    raise ConfigError("backend.%s.profiles.%s.api_key_credential: no credential %r (nor %r) in "
+                                      "$CREDENTIALS_DIRECTORY (%s)" % (name, pname, CREDENTIAL_PREFIX + cred, cred,
+                                                                       env.get("CREDENTIALS_DIRECTORY") or "not set"))
+                prof["api_key"] = text
+
+
 def load_config(flags: dict | None = None, env=None, path: str | None = None) -> dict:
-    """Build the config dict {dotted key: value}: defaults < file < env < flags."""
+    """Build the config dict {dotted key: value}:
+    defaults < file < systemd credentials < env < flags."""
     cfg = {o.key: o.default for o in OPTIONS}
     origin = {}  # key -> where its value came from, for errors that involve two keys
     warnings = list(GO_FLAG_WARNINGS)  # logged once logging is set up (see main)
@@ -726,6 +793,7 @@ def load_config(flags: dict | None = None, env=None, path: str | None = None) ->
         if not metrics_enabled:
             cfg["metrics.listen_addr"], origin["metrics.listen_addr"] = "", path
     env = os.environ if env is None else env
+    apply_credentials(cfg, origin, env)
     for o in OPTIONS:
         if o.env and env.get(o.env):  # (set and not empty, as the Go daemon reads them too)
             raw = o.env_parse(env[o.env]) if o.env_parse else env[o.env]
@@ -3277,8 +3345,27 @@ def load_api_keys(path: str) -> dict:
     return keys
 
 
-def default_demo_page() -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.html")
+def shipped_file(name: str):
+    """(where, bytes) of a file shipped with streamd (demo.html): next to
+    streamd.py (a checkout, a copy, /opt/streamd), inside the bundle
+    (streamd.pyz: read through its zip importer), or where pip installs the
+    shared files ({sys.prefix}/share/streamd).  OSError if none has it."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+    loader = globals().get("__loader__")
+    for path in (here, os.path.join(sys.prefix, "share", "streamd", name)):
+        try:
+            with open(path, "rb") as f:
+                return path, f.read()
+        except NotADirectoryError:  # streamd.pyz/demo.html: a path inside the bundle
+            if hasattr(loader, "get_data") and hasattr(loader, "prefix"):  # (a zipimporter)
+                try:
+                    return path, loader.get_data(loader.prefix + name)
+                except OSError:
+                    continue
+        except FileNotFoundError:
+            continue
+    raise FileNotFoundError(errno.ENOENT, "not found next to streamd.py nor in %s"
+                            % os.path.join(sys.prefix, "share", "streamd"), name)
 
 
 class HTTPFront:
@@ -3340,10 +3427,13 @@ class HTTPFront:
                 log(logging.INFO, "API keys loaded" if keys is not None else "API keys off", keys=len(keys or ()))
             self.keys = keys
         named = cfg["http.demo_page"]
-        self.page_path = named or default_demo_page()
+        self.page_path = named or "demo.html"
         try:
-            with open(self.page_path, "rb") as f:
-                self.page = f.read()
+            if named:
+                with open(named, "rb") as f:
+                    self.page = f.read()
+            else:
+                self.page_path, self.page = shipped_file("demo.html")
         except OSError as e:
             if named and not reload:
                 raise ConfigError("http.demo_page: cannot read %s: %s" % (self.page_path, e.strerror)) from None
@@ -5795,7 +5885,7 @@ def cmd_demo(argv) -> int:
         notify.bind(os.path.join(tmp, "notify"))
         notify.settimeout(10)
         env = dict(os.environ, NOTIFY_SOCKET=os.path.join(tmp, "notify"))
-        daemon = subprocess.Popen([sys.executable, os.path.abspath(__file__), "serve", "--socket", path,
+        daemon = subprocess.Popen(self_command() + ["serve", "--socket", path,
                                    "--metrics-addr", "", "--message-delay", "80ms"] + argv, env=env)
         try:
             try:
@@ -5817,6 +5907,175 @@ def cmd_demo(argv) -> int:
 
 # ---- main ----
 
+def self_command() -> list:
+    """The command that runs this streamd again: this file, or the bundle it
+    was loaded from (streamd.pyz), with the same Python and its -S."""
+    me = os.path.abspath(__file__)
+    if not os.path.isfile(me) and os.path.isfile(os.path.dirname(me)):
+        me = os.path.dirname(me)  # .../streamd.pyz/streamd.py: run the bundle
+    return [sys.executable] + (["-S"] if sys.flags.no_site else []) + [me]
+
+
+def cmd_check(argv) -> int:
+    """Load the config as the daemon would (file, credentials, environment,
+    flags), import every configured backend and its packages, find the demo
+    page; print what was found; 0 if the daemon would start, else 2."""
+    if "-h" in argv or "--help" in argv:
+        print("usage: streamd.py check [--config FILE] [OPTIONS]\n\nCheck what the daemon would start with, "
+              "without starting it: the config (file, systemd credentials, environment, OPTIONS), the configured "
+              "backends and the packages they need, the demo page.  Exit 0 if it would start, 2 if not (the "
+              "reason on stderr).  Run it as the service's user to check it can read the files.")
+        return 0
+    args = vars(build_arg_parser().parse_args(go_flags(argv)))
+    path = args.pop("config", None)
+    try:
+        cfg = load_config(args, dict(os.environ), path)
+        names = [cfg["backend.provider"]] + [n for n in cfg["backend.enabled"] if n != cfg["backend.provider"]]
+        for name in names:
+            load_backend(name)
+    except ConfigError as e:
+        print("streamd: %s" % e, file=sys.stderr)
+        return 2
+    for warning in cfg["config_warnings"]:
+        print("streamd: warning: config: %s" % warning, file=sys.stderr)
+    try:
+        page = shipped_file("demo.html")[0] if not cfg["http.demo_page"] else cfg["http.demo_page"]
+    except OSError:
+        page = "none (/ answers 404)"
+    keys = [n for n in names if cfg.get("backend.%s.api_key" % n)]
+    creds = "" if os.environ.get("CREDENTIALS_DIRECTORY") else \
+        " (keys in systemd credentials are seen only inside the service)"
+    print("streamd %s: config OK: %s; backends %s (with an API key: %s%s); socket %s; metrics %s; front %s; "
+          "demo page %s" % (__version__, path or "no config file", ", ".join(names), ", ".join(keys) or "none",
+                            creds, cfg["server.socket_path"], cfg["metrics.listen_addr"] or "off",
+                            ", ".join(cfg["http.listen"]) or "off", page))
+    return 0
+
+
+# What `bundle --with-deps` puts in streamd.pyz: each distribution and the
+# packages it installs (pure Python all; PyYAML's C speedups are left out, its
+# pure-Python loader is used).  h2 and its two are optional: taken if installed.
+BUNDLE_DEPS = (("PyYAML", ("yaml",)), ("prometheus-client", ("prometheus_client",)), ("urllib3", ("urllib3",)))
+BUNDLE_OPTIONAL = (("h2", ("h2",)), ("hpack", ("hpack",)), ("hyperframe", ("hyperframe",)))
+BUNDLE_FILES = ("demo.html", "LICENSE", "config.example.yaml", "streamd.service", "streamd.socket")
+_PIN = re.compile(r'^(?:#[^=]*?)?\b([A-Za-z0-9_.-]+)==([\w.]+)\s*(?:;\s*python_version\s*(>=|<=|<|>|==)\s*"([\d.]+)")?')
+
+
+def requirement_pins(path: str) -> dict:
+    """{distribution: version} pinned in a requirements file for this Python
+    (its python_version markers evaluated), commented optional pins too."""
+    pins = {}
+    ops = {">=": operator.ge, "<=": operator.le, "<": operator.lt, ">": operator.gt, "==": operator.eq}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            m = _PIN.match(line.strip())
+            if not m:
+                continue
+            name, version, op, wanted = m.groups()
+            if op and not ops[op](sys.version_info[:2], tuple(int(x) for x in wanted.split("."))):
+                continue
+            pins[name.lower()] = version
+    return pins
+
+
+def bundle_dependency(dist: str, packages, pins: dict):
+    """({archive name: bytes}, version) of an installed distribution: its packages
+    .py files and its licence text(s), after checking its version is the pin."""
+    import importlib.metadata as md
+    version = md.version(dist)
+    pinned = pins.get(dist.lower())
+    if pinned and version != pinned:
+        raise ConfigError("bundle: %s %s is installed, requirements.txt pins %s (pip install -r requirements.txt)"
+                          % (dist, version, pinned))
+    out = {}
+    for pkg in packages:
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError("bundle: %s: package %s not found" % (dist, pkg))
+        root = list(spec.submodule_search_locations)[0]
+        for top, dirs, files in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+            for name in files:
+                if name.endswith(".py") or name == "py.typed":
+                    full = os.path.join(top, name)
+                    with open(full, "rb") as f:
+                        out[pkg + "/" + os.path.relpath(full, root).replace(os.sep, "/")] = f.read()
+    licences = [f for f in (md.distribution(dist).files or ())
+                if re.search(r"LICEN[CS]E|COPYING|NOTICE", f.name, re.I) and ".dist-info" in str(f)]
+    for f in licences:
+        out["licenses/%s-%s/%s" % (dist, version, f.name)] = f.locate().read_bytes()
+    if not licences:
+        raise ConfigError("bundle: %s %s: no licence file in its installed metadata (install it with pip)"
+                          % (dist, version))
+    return out, version
+
+
+def cmd_bundle(argv) -> int:
+    """Build streamd.pyz: one file that runs as `python3 streamd.pyz ...`."""
+    import argparse
+    import zipfile
+    p = argparse.ArgumentParser(prog="streamd.py bundle", description=(
+        "Build one file that carries streamd.py, every backend, the front and demo.html (Python's zipapp): "
+        "run it as `python3 streamd.pyz [serve|send|demo|check] ...`. The same sources give the same bytes."))
+    p.add_argument("-o", "--output", default="streamd.pyz", help="the file to write (default: streamd.pyz)")
+    p.add_argument("--with-deps", action="store_true", help=(
+        "also carry the pinned runtime packages (PyYAML, prometheus-client, urllib3; h2 if installed), "
+        "from this Python's installed copies, with their licence texts: then it needs nothing but Python "
+        "(the Python version line those packages support: urllib3 2.7 needs 3.10)"))
+    args = p.parse_args(argv)
+    here = os.path.dirname(os.path.abspath(__file__))
+    files = {}
+    try:
+        if not os.path.isdir(os.path.join(here, "backends")):
+            raise ConfigError("bundle: run it from a checkout or an installed copy (streamd.py with backends/ "
+                              "next to it), not from %s" % here)
+        with open(os.path.abspath(__file__), "rb") as f:
+            files["streamd.py"] = f.read()
+        for name in sorted(os.listdir(os.path.join(here, "backends"))):
+            if name.endswith(".py"):
+                with open(os.path.join(here, "backends", name), "rb") as f:
+                    files["backends/" + name] = f.read()
+        for name in BUNDLE_FILES:
+            try:
+                files[name] = shipped_file(name)[1]
+            except OSError:
+                if name in ("demo.html", "LICENSE"):
+                    raise ConfigError("bundle: %s not found next to streamd.py" % name) from None
+        files["__main__.py"] = (b"# streamd, bundled: python3 streamd.pyz [serve|send|demo|check] [OPTIONS]\n"
+                                b"import sys\n\nimport streamd\n\nsys.exit(streamd.main())\n")
+        manifest = ["streamd %s" % __version__]
+        if args.with_deps:
+            req = os.path.join(here, "requirements.txt")
+            pins = requirement_pins(req) if os.path.exists(req) else {}
+            for dist, packages in BUNDLE_DEPS + BUNDLE_OPTIONAL:
+                if (dist, packages) in BUNDLE_OPTIONAL and importlib.util.find_spec(packages[0]) is None:
+                    continue
+                if importlib.util.find_spec(packages[0]) is None:
+                    raise ConfigError("bundle --with-deps: %s is not installed (pip install -r requirements.txt)"
+                                      % dist)
+                got, version = bundle_dependency(dist, packages, pins)
+                files.update(got)
+                manifest.append("%s %s" % (dist, version))
+        files["BUNDLE.txt"] = ("\n".join(manifest) + "\n").encode()
+    except ConfigError as e:
+        print("streamd: %s" % e, file=sys.stderr)
+        return 2
+    tmp = args.output + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(b"#!/usr/bin/env python3\n")
+        with zipfile.ZipFile(f, "w") as z:
+            for name in sorted(files):
+                info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))  # reproducible: no mtimes
+                info.create_system, info.external_attr = 3, 0o100644 << 16
+                info.compress_type = zipfile.ZIP_DEFLATED
+                z.writestr(info, files[name], compresslevel=9)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, args.output)
+    print("streamd: wrote %s (%d files, %d bytes: %s)" % (args.output, len(files), os.path.getsize(args.output),
+                                                          ", ".join(manifest)), file=sys.stderr)
+    return 0
+
+
 def build_arg_parser():
     import argparse
 
@@ -5828,7 +6087,9 @@ def build_arg_parser():
     p = Parser(prog="streamd.py", description=(
         "Stream Server-Sent Events to clients handed off by Apache mod_socket_handoff.\n"
         "Commands: serve (default) runs the daemon; 'send [PROMPT]' hands one connection to a\n"
-        "running daemon and prints the stream; 'demo' starts a daemon and streams one request."),
+        "running daemon and prints the stream; 'demo' starts a daemon and streams one request;\n"
+        "'check' loads the config and backends without starting; 'bundle' builds streamd.pyz.\n"
+        "Each has its own --help."),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE", help="YAML config file (needs PyYAML)")
     p.add_argument("--version", action="version", version="streamd " + __version__)
@@ -5935,6 +6196,10 @@ def main(argv=None) -> int:
         return cmd_send(argv[1:])
     if argv and argv[0] == "demo":
         return cmd_demo(argv[1:])
+    if argv and argv[0] == "check":
+        return cmd_check(argv[1:])
+    if argv and argv[0] == "bundle":
+        return cmd_bundle(argv[1:])
     if argv and argv[0] == "serve":
         argv = argv[1:]
     args = vars(build_arg_parser().parse_args(go_flags(argv)))

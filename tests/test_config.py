@@ -170,3 +170,52 @@ def test_a_configured_backend_without_its_package_stops_the_start(tmp_path, args
     assert out.stderr.endswith("streamd: backend %r needs the urllib3 package: pip install urllib3 "
                                "(or apt install python3-urllib3)\n" % name), out.stderr
     assert not (tmp_path / "s").exists()
+
+
+# ---- systemd credentials (LoadCredential=keys:/etc/streamd/keys) ----
+
+def credentials(tmp_path, **files):
+    d = tmp_path / "creds"
+    d.mkdir()
+    for name, text in files.items():
+        (d / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    return {"CREDENTIALS_DIRECTORY": str(d)}
+
+
+def test_a_backends_key_from_its_credential(tmp_path):
+    env = credentials(tmp_path, keys_openai="sk-cred\n", anthropic="sk-ant\n")
+    cfg = streamd.load_config({}, env)
+    assert cfg["backend.openai.api_key"] == "sk-cred" and cfg["backend.anthropic.api_key"] == "sk-ant"
+    assert cfg["backend.gemini.api_key"] == ""
+    # the file < the credential < the environment < a flag
+    f = tmp_path / "c.yaml"
+    f.write_text("backend:\n  openai:\n    api_key: sk-file\n")
+    assert streamd.load_config({}, env, str(f))["backend.openai.api_key"] == "sk-cred"
+    assert streamd.load_config({}, dict(env, OPENAI_API_KEY="sk-env"), str(f))["backend.openai.api_key"] == "sk-env"
+    assert streamd.load_config({"backend.openai.api_key": "sk-flag"}, dict(env, OPENAI_API_KEY="sk-env"),
+                               str(f))["backend.openai.api_key"] == "sk-flag"
+    assert streamd.load_config({}, {}, str(f))["backend.openai.api_key"] == "sk-file"  # no credentials at all
+
+
+def test_a_profiles_key_from_the_credential_it_names(tmp_path):
+    env = credentials(tmp_path, keys_groq="gsk-1\n")
+    f = tmp_path / "c.yaml"
+    f.write_text("backend:\n  openai:\n    profiles:\n      groq:\n        api_base: https://g.example/v1\n"
+                 "        api_key_credential: groq\n")
+    cfg = streamd.load_config({}, env, str(f))
+    assert cfg["backend.openai.profiles"] == {"groq": {"api_base": "https://g.example/v1", "api_key": "gsk-1"}}
+    with pytest.raises(streamd.ConfigError, match=r"backend.openai.profiles.groq.api_key_credential: no credential "
+                                                  r"'keys_groq' \(nor 'groq'\) in \$CREDENTIALS_DIRECTORY \(not set\)"):
+        streamd.load_config({}, {}, str(f))
+    f.write_text("backend:\n  openai:\n    profiles:\n      groq:\n        api_key: a\n        api_key_credential: g\n")
+    with pytest.raises(streamd.ConfigError, match="api_key or api_key_credential, not both"):
+        streamd.load_config({}, env, str(f))
+
+
+@pytest.mark.parametrize("content", [b"", b"\n", b"two\nlines\n", b"\xff\xfe", b"k" * (64 * 1024 + 1)])
+def test_a_bad_credential_stops_the_start_without_showing_it(tmp_path, content):
+    env = credentials(tmp_path, keys_openai=content)
+    with pytest.raises(streamd.ConfigError) as e:
+        streamd.load_config({}, env)
+    assert str(e.value).startswith("credential keys_openai: expected one line of printable text (an API key)")
+    assert "lines" not in str(e.value) and "kkk" not in str(e.value)

@@ -26,7 +26,8 @@ def test_help_runs_without_site_packages():
 
 
 def test_mock_runs_from_a_lone_copy_without_site_packages(tmp_path):
-    """streamd.py copied alone, stdlib only, serves the mock."""
+    """streamd.py copied alone, stdlib only, serves the mock; the front's /
+    is a 404 that says why (no demo.html beside it)."""
     lone = tmp_path / "alone"
     lone.mkdir()
     shutil.copy(STREAMD, str(lone / "streamd.py"))
@@ -34,8 +35,12 @@ def test_mock_runs_from_a_lone_copy_without_site_packages(tmp_path):
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "n"))
     notify.settimeout(10)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-S", str(lone / "streamd.py"), "--socket", sock,
-                             "--message-delay", "1ms", "--metrics-addr", "127.0.0.1:0"], cwd=str(lone),
+                             "--message-delay", "1ms", "--metrics-addr", "127.0.0.1:0",
+                             "--listen", "127.0.0.1:%d" % port], cwd=str(lone),
                             env={"NOTIFY_SOCKET": str(tmp_path / "n"), "PATH": os.environ["PATH"]},
                             stderr=subprocess.PIPE)
     try:
@@ -44,6 +49,10 @@ def test_mock_runs_from_a_lone_copy_without_site_packages(tmp_path):
         data = read_until_eof(c)
         c.close()
         assert data.endswith(b"data: [DONE]\n\n") and b"Prompt: alone" in data
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as web:
+            web.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            answer = read_until_eof(web)
+        assert answer.startswith(b"HTTP/1.1 404 ") and b"no demo page: demo.html is missing" in answer
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
@@ -361,10 +370,11 @@ def test_sigusr1_logs_the_state(daemon_proc):
     c.close()
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["send"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["serve"], ["send"], ["demo"], ["check"], ["bundle"]])
 def test_every_help_exits_0(command):
     out = subprocess.run([sys.executable, STREAMD] + command + ["--help"], capture_output=True, text=True, timeout=30)
-    assert out.returncode == 0 and out.stdout.startswith("usage: streamd.py")
+    assert out.returncode == 0 and out.stdout.startswith("usage: streamd.py" + (" " + command[0] if command and
+                                                                                 command[0] != "serve" else ""))
 
 
 def test_help_shows_every_default():
@@ -432,3 +442,22 @@ def test_send_without_retries_fails_at_once(tmp_path):
     out = subprocess.run([sys.executable, STREAMD, "send", "--socket", str(tmp_path / "none.sock"), "hi"],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 3 and "retrying" not in out.stderr
+
+
+def test_check_says_whether_the_daemon_would_start(tmp_path):
+    ok = subprocess.run([sys.executable, STREAMD, "check", "--backend", "openai", "--listen", "127.0.0.1:0"],
+                        capture_output=True, text=True, timeout=30)
+    assert ok.returncode == 0, ok.stderr
+    assert "config OK: no config file; backends openai" in ok.stdout and "front 127.0.0.1:0" in ok.stdout
+    bad = tmp_path / "c.yaml"
+    bad.write_text("server:\n  max_connections: abc\n")
+    out = subprocess.run([sys.executable, STREAMD, "check", "--config", str(bad)], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 2 and "server.max_connections: expected an integer >= 1, got 'abc'" in out.stderr
+    # A configured backend whose module is missing: streamd.py alone has no backends/.
+    lone = tmp_path / "alone"
+    lone.mkdir()
+    shutil.copy(STREAMD, str(lone / "streamd.py"))
+    out = subprocess.run([sys.executable, "-S", str(lone / "streamd.py"), "check", "--backend", "openai"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "backend 'openai' cannot be loaded" in out.stderr and not out.stdout

@@ -77,7 +77,7 @@ def test_no_unknown_profile_and_no_url_from_a_request(daemon, upstream, fdcheck,
     ("backend:\n  openai:\n    profiles:\n      local:\n        api_base: ftp://x\n",
      "backend.openai.profiles.local.api_base: expected an http:// or https:// URL, got 'ftp://x'"),
     ("backend:\n  openai:\n    profiles:\n      local:\n        assistant_id: a\n",
-     "backend.openai.profiles.local.assistant_id: expected one of api_base, api_key, api_key_env, api_socket, "
+     "backend.openai.profiles.local.assistant_id: expected one of api_base, api_key, api_key_credential, api_key_env, api_socket, "
      "default_model, http2, http2_enabled, insecure_ssl, got 'assistant_id'"),
     ("backend:\n  openai:\n    profiles:\n      local:\n        api_key_env: 'not a name'\n",
      "backend.openai.profiles.local.api_key_env: expected an environment variable name, got 'not a name'"),
